@@ -1,0 +1,3 @@
+from compression.cli import main
+
+raise SystemExit(main())

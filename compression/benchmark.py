@@ -1,0 +1,77 @@
+"""Latency, size and compute of a model: ONNX Runtime CPU timings, file size, torch params and MACs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from compression.errors import UserError
+from compression.runtime import onnx_session
+
+
+@dataclass
+class BenchResult:
+    latency_ms: float  # median of the timed runs
+    p90_ms: float
+    threads: int  # ONNX Runtime intra-op threads
+    size_mb: float  # ONNX file size
+    runs: int
+    params: int | None = None  # from the torch model, when one is given
+    macs: int | None = None
+
+
+def count_params_and_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
+    """Parameters and multiply-accumulates of one ``imgsz`` x ``imgsz`` image (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, imgsz, imgsz, device=device))
+    model.train(was_training)
+    return int(params), int(macs)
+
+
+def benchmark(onnx_path: str | Path, imgsz: int | None = None, runs: int = 50, warmup: int = 10,
+              threads: int | None = None, model: nn.Module | None = None, progress: bool = True) -> BenchResult:
+    """Time batch-1 inference of an ONNX file in ONNX Runtime on the CPU: ``warmup`` runs, then ``runs`` timed.
+
+    Args:
+        onnx_path: the model file.
+        imgsz: input size (default: the file's fixed input size).
+        threads: intra-op threads (default: all cores).
+        model: the torch model it came from, to add params and MACs.
+
+    Example:
+        >>> benchmark("model.onnx", 640).latency_ms  # median of 50 runs
+    """
+    if runs < 30:
+        raise UserError(f"runs must be >= 30 for a stable median and p90, got {runs}")
+    if not Path(onnx_path).is_file():
+        raise UserError(f"ONNX model '{onnx_path}' not found")
+    session = onnx_session(onnx_path, threads)
+    inp = session.get_inputs()[0]
+    fixed = inp.shape[2] if isinstance(inp.shape[2], int) else None
+    imgsz = imgsz or fixed or 640
+    if fixed and fixed != imgsz:
+        raise UserError(f"ONNX model '{onnx_path}' has a fixed input of {fixed} px, but imgsz={imgsz} was asked")
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    times = []
+    for i in tqdm(range(warmup + runs), desc=f"benchmark {Path(onnx_path).name}", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        session.run(None, {inp.name: x})
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    params = macs = None
+    if model is not None:
+        params, macs = count_params_and_macs(model, imgsz)
+    return BenchResult(
+        latency_ms=float(np.median(times)), p90_ms=float(np.percentile(times, 90)),
+        threads=session.get_session_options().intra_op_num_threads, size_mb=Path(onnx_path).stat().st_size / 1e6,
+        runs=runs, params=params, macs=macs,
+    )

@@ -1,0 +1,261 @@
+"""Load YOLO detectors of two families behind one interface.
+
+Families differ only in loading, the head decode and the training loss:
+
+- ``ultralytics``: ultralytics checkpoints and model YAMLs (``yolov5su.pt``, ``yolov5s.yaml``, ...), loaded
+  through ultralytics with its restricted (allow-listed) unpickler.
+- ``yolov5``: original ultralytics/yolov5 checkpoints (``models.yolo.Model`` pickles), rebuilt on
+  ``ultralytics.nn.modules`` plus the anchor-based :class:`AnchorDetect` head below. The pickle is read by
+  torch's ``weights_only`` unpickler with an allow-list, so no code in the file runs.
+
+Every loaded model has ``nc``, ``names``, ``stride`` and ``family``; in train mode it returns the raw outputs its
+family's loss needs, in eval mode one decoded tensor ``[batch, 4 + nc, anchors]`` (xywh in input pixels, then class
+confidences), so NMS, evaluation and export never branch on the family.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compression.errors import UserError
+
+# Classes an original YOLOv5 checkpoint may name. The yolov5 ones load as inert records (their state is read,
+# never their code); the torch ones are plain layers. Anything else makes the load fail before it runs.
+YOLOV5_CLASSES = ("Model", "Detect", "Conv", "C3", "Bottleneck", "SPPF", "Concat", "DetectionModel")
+TORCH_LAYERS = (
+    nn.Conv2d, nn.BatchNorm2d, nn.SiLU, nn.ReLU, nn.LeakyReLU, nn.Hardswish, nn.Identity, nn.MaxPool2d,
+    nn.Upsample, nn.Sequential, nn.ModuleList,
+)
+
+
+class _Record:
+    """Stand-in for a yolov5 class while unpickling: keeps the pickled attributes, has no behaviour."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+def _yolov5_allow_list() -> list:
+    records = []
+    for module in ("models.common", "models.yolo"):
+        for name in YOLOV5_CLASSES:
+            records.append((type(name, (_Record,), {}), f"{module}.{name}"))
+    return records + list(TORCH_LAYERS) + [set]
+
+
+def checkpoint_globals(path: Path) -> list[str]:
+    """Names of the classes and functions a torch checkpoint's pickle refers to, read without unpickling."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (RuntimeError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise UserError(f"weights '{path}' is not a readable torch checkpoint (empty, truncated or not a .pt): {e}") from None
+
+
+def _refuse_unknown(path: Path, names: list[str], allowed: set[str]) -> None:
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise UserError(
+            f"weights '{path}' refused: its pickle names {', '.join(sorted(bad)[:3])}, which is not on the allow-list "
+            "of model classes (nothing in the file was run)"
+        )
+
+
+def _state_of(obj, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Flatten the parameters and buffers of an unpickled module tree (records or torch modules) by name."""
+    attrs = vars(obj)
+    state = {}
+    for group in ("_parameters", "_buffers"):
+        for k, v in (attrs.get(group) or {}).items():
+            if v is not None:
+                state[prefix + k] = v.detach()
+    for k, child in (attrs.get("_modules") or {}).items():
+        if child is not None:
+            state.update(_state_of(child, f"{prefix}{k}."))
+    return state
+
+
+class AnchorDetect(nn.Module):
+    """The anchor-based YOLOv5 head: one 1x1 conv per level predicting (xywh, objectness, classes) per anchor.
+
+    Args:
+        nc: number of classes.
+        anchors: per level, anchor (w, h) pairs in input pixels, e.g. ``[[10, 13, 16, 30, 33, 23], ...]``.
+        ch: input channels per level.
+        stride: per level, input pixels per feature cell.
+    """
+
+    def __init__(self, nc: int, anchors: list, ch: list[int], stride: torch.Tensor):
+        super().__init__()
+        self.nc, self.no, self.nl, self.na = nc, nc + 5, len(anchors), len(anchors[0]) // 2
+        self.register_buffer("stride", stride.float(), persistent=False)  # yolov5 pickles it as a plain attribute
+        self.register_buffer("anchors", torch.tensor(anchors).float().view(self.nl, -1, 2) / self.stride.view(-1, 1, 1))
+        self.m = nn.ModuleList(nn.Conv2d(c, self.no * self.na, 1) for c in ch)
+
+    def forward(self, x: list[torch.Tensor]):
+        """Train mode: per level ``[b, na, h, w, 5 + nc]`` logits. Eval mode: ``[b, 4 + nc, anchors]`` decoded."""
+        raw = []
+        for i in range(self.nl):
+            b, _, h, w = x[i].shape
+            raw.append(self.m[i](x[i]).view(b, self.na, self.no, h, w).permute(0, 1, 3, 4, 2).contiguous())
+        if self.training:
+            return raw
+        return torch.cat([self.decode(p, i) for i, p in enumerate(raw)], 1).transpose(1, 2)
+
+    def decode(self, p: torch.Tensor, i: int) -> torch.Tensor:
+        """Level ``i`` logits ``[b, na, h, w, no]`` -> ``[b, na*h*w, 4 + nc]``, confidence = objectness x class."""
+        b, _, h, w, _ = p.shape
+        ys, xs = torch.meshgrid(torch.arange(h, device=p.device), torch.arange(w, device=p.device), indexing="ij")
+        grid = torch.stack((xs, ys), -1).view(1, 1, h, w, 2).to(p.dtype)
+        anchor_px = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2)
+        p = p.sigmoid()
+        xy = (p[..., :2] * 2 - 0.5 + grid) * self.stride[i]
+        wh = (p[..., 2:4] * 2) ** 2 * anchor_px
+        conf = p[..., 4:5] * p[..., 5:]
+        return torch.cat((xy, wh, conf), -1).view(b, -1, 4 + self.nc)
+
+
+class YOLOv5Model(nn.Module):
+    """An original YOLOv5 architecture (its model YAML dict) built on ``ultralytics.nn.modules``."""
+
+    family = "yolov5"
+
+    def __init__(self, cfg: dict, names: dict[int, str] | None = None):
+        super().__init__()
+        from ultralytics.nn.tasks import parse_model
+
+        self.yaml = copy.deepcopy(cfg)
+        d = copy.deepcopy(cfg)
+        head_from, _, head_name, _ = d["head"].pop()
+        if head_name not in ("Detect", "models.yolo.Detect"):
+            raise UserError(f"YOLOv5 model yaml: last layer is '{head_name}', expected Detect")
+        layers, save = parse_model(d, ch=d.get("ch", 3), verbose=False)
+        self.nc = int(d["nc"])
+        anchors = d["anchors"]
+        if isinstance(anchors, int):
+            raise UserError("YOLOv5 model yaml: integer 'anchors' (autoanchor) is not supported; give anchor sizes")
+        # Probe the feature maps once to learn the head's input channels and strides.
+        probe = 256
+        feats = self._features(layers, save + list(head_from), torch.zeros(1, d.get("ch", 3), probe, probe))
+        ch = [feats[j].shape[1] for j in head_from]
+        stride = torch.tensor([probe / feats[j].shape[-2] for j in head_from])
+        detect = AnchorDetect(self.nc, anchors, ch, stride)
+        detect.i, detect.f, detect.type = len(layers), list(head_from), "AnchorDetect"
+        self.model = nn.Sequential(*layers, detect)
+        self.save = sorted(set(save) | set(head_from))
+        self.stride = stride
+        self.names = names or {i: str(i) for i in range(self.nc)}
+
+    @staticmethod
+    def _features(layers, save, x):
+        y = {}
+        for m in layers:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y[m.i] = x
+        return y
+
+    def forward(self, x: torch.Tensor):
+        y = []
+        for m in self.model:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        return x
+
+
+def _load_yolov5(path: Path, names_in_file: list[str]) -> YOLOv5Model:
+    allow = _yolov5_allow_list()
+    allowed_names = {a[1] if isinstance(a, tuple) else f"{a.__module__}.{a.__qualname__}" for a in allow}
+    allowed_names |= {f"torch.nn.modules.{m.__module__.split('.')[-1]}.{m.__name__}" for m in TORCH_LAYERS}
+    allowed_names |= {"builtins.set", "__builtin__.set"}
+    _refuse_unknown(path, names_in_file, allowed_names)
+    with torch.serialization.safe_globals(allow):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"weights '{path}' refused by the safe unpickler: {str(e).splitlines()[0]}") from None
+    record = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
+    if record is None or not hasattr(record, "yaml"):
+        raise UserError(f"weights '{path}': no YOLOv5 model (keys 'model'/'ema' with a yaml) in the checkpoint")
+    names = getattr(record, "names", None)
+    names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else names
+    model = YOLOv5Model(record.yaml, names)
+    state = {k: v.float() for k, v in _state_of(record).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"weights '{path}': checkpoint does not match its own yaml (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.eval()
+
+
+def _load_ultralytics(weights: str) -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel, torch_safe_load
+
+    if weights.endswith((".yaml", ".yml")):
+        try:
+            model = DetectionModel(weights, verbose=False)
+        except FileNotFoundError:
+            raise UserError(f"model yaml '{weights}' not found (neither a file nor an ultralytics model yaml)") from None
+    else:
+        try:
+            ckpt, _ = torch_safe_load(weights, safe_only=True)
+        except TypeError as e:  # ultralytics' one-line refusals for bad or unsafe files
+            raise UserError(f"weights '{weights}' refused: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # a bare name ultralytics could not download
+            raise UserError(
+                f"weights '{weights}' is not a local file and could not be downloaded ({type(e).__name__}); "
+                "offline, pass a local path such as ../shared/weights/yolov5n.pt"
+            ) from None
+        model = (ckpt.get("ema") or ckpt["model"]).float()
+        if not isinstance(model, DetectionModel):
+            raise UserError(f"weights '{weights}' holds a {type(model).__name__}, not a detection model")
+    head = model.model[-1]
+    head.export = True  # eval mode returns only the decoded [b, 4 + nc, anchors] tensor
+    model.nc, model.family = head.nc, "ultralytics"
+    model.names = getattr(model, "names", None) or {i: str(i) for i in range(head.nc)}
+    return model.eval()
+
+
+def load_model(weights: str | Path) -> nn.Module:
+    """Load a detector from an original YOLOv5 checkpoint, an ultralytics checkpoint or an ultralytics model yaml.
+
+    Args:
+        weights: a ``.pt`` file (format detected from its pickle), a model yaml, or an ultralytics model name.
+
+    Example:
+        >>> model = load_model("../shared/weights/yolov5n.pt")  # YOLOv5Model, family "yolov5"
+        >>> model(torch.zeros(1, 3, 640, 640)).shape  # torch.Size([1, 84, 25200])
+    """
+    path = Path(weights)
+    if path.suffix in (".yaml", ".yml") or not path.exists():
+        if path.suffix not in (".pt", ".yaml", ".yml"):
+            raise UserError(f"weights '{weights}' not found: expected a .pt checkpoint or a model .yaml")
+        return _load_ultralytics(str(weights))
+    if path.is_dir():
+        raise UserError(f"weights '{weights}' is a folder, expected a .pt file")
+    names = checkpoint_globals(path)
+    if any(n.startswith(("models.yolo.", "models.common.")) for n in names):
+        return _load_yolov5(path, names)
+    return _load_ultralytics(str(path))
+
+
+def detect_head(model: nn.Module) -> nn.Module:
+    """The detection head, the last layer in both families."""
+    return model.model[-1]
+
+
+def head_output_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """The head's final convolutions, whose output shapes are fixed by the decode (never pruned or quantized away)."""
+    head = detect_head(model)
+    if isinstance(head, AnchorDetect):
+        return list(head.m)
+    return [seq[-1] for branch in (head.cv2, head.cv3) for seq in branch if isinstance(seq[-1], nn.Conv2d)]

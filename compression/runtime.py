@@ -1,0 +1,94 @@
+"""Run a torch model or an ONNX file the same way: images in ``[0, 1]`` in, ``[batch, 4 + nc, anchors]`` out."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from compression.errors import UserError
+
+
+def cache_dir() -> Path:
+    """Where label caches, FP32 baselines and pruned+distilled models are kept (``YOLO_COMPRESS_CACHE`` overrides)."""
+    root = Path(os.environ.get("YOLO_COMPRESS_CACHE") or Path.home() / ".cache" / "yolo-compress")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; ``cpu``, ``cuda`` and ``cuda:N`` are taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available; use device=cpu or auto")
+    return torch.device(device)
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise UserError(f"ONNX model '{path}' cannot be loaded by ONNX Runtime: {str(e).splitlines()[0]}") from None
+
+
+class Predictor:
+    """Callable over a torch detector or an ONNX file with the same output contract.
+
+    Args:
+        model: a loaded torch model, or a path to a ``.pt``/``.yaml``/``.onnx`` file.
+        device: torch device for torch models (``auto`` = CUDA if present).
+        threads: ONNX Runtime intra-op threads (default: all cores).
+
+    Example:
+        >>> pred = Predictor("model.onnx")
+        >>> pred(torch.rand(2, 3, 640, 640)).shape  # torch.Size([2, 84, 25200])
+    """
+
+    def __init__(self, model: nn.Module | str | Path, device: str = "auto", threads: int | None = None):
+        self.session = None
+        self.imgsz = None  # fixed input size of an ONNX file, None for torch models
+        if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+            if not Path(model).is_file():
+                raise UserError(f"ONNX model '{model}' not found")
+            self.session = onnx_session(model, threads)
+            meta = self.session.get_modelmeta().custom_metadata_map
+            self.names = ast.literal_eval(meta["names"]) if "names" in meta else None
+            self.stride = int(meta.get("stride", 32))
+            shape = self.session.get_inputs()[0].shape
+            self.imgsz = shape[2] if isinstance(shape[2], int) else None
+            self.device = torch.device("cpu")
+            self.input_name = self.session.get_inputs()[0].name
+        else:
+            if isinstance(model, (str, Path)):
+                from compression.models import load_model
+
+                model = load_model(model)
+            self.device = select_device(device) if isinstance(device, str) else device
+            self.model = model.to(self.device).eval()
+            self.names = model.names
+            self.stride = int(max(model.stride))
+        if self.names is None:
+            raise UserError(f"model '{model}' carries no class names")
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    @torch.inference_mode()
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        if self.session is not None:
+            out = self.session.run(None, {self.input_name: img.cpu().numpy().astype(np.float32)})[0]
+            return torch.from_numpy(out)
+        return self.model(img.to(self.device)).float()
