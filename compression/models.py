@@ -69,10 +69,10 @@ def _refuse_unknown(path: Path, names: list[str], allowed: set[str]) -> None:
 def _state_of(obj, prefix: str = "") -> dict[str, torch.Tensor]:
     """Flatten the parameters and buffers of an unpickled module tree (records or torch modules) by name."""
     attrs = vars(obj)
-    state = {}
+    state, transient = {}, attrs.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         for k, v in (attrs.get(group) or {}).items():
-            if v is not None:
+            if v is not None and k not in transient:
                 state[prefix + k] = v.detach()
     for k, child in (attrs.get("_modules") or {}).items():
         if child is not None:
@@ -197,19 +197,26 @@ def _load_yolov5(path: Path, names_in_file: list[str]) -> YOLOv5Model:
     return model.eval()
 
 
-def _load_ultralytics(weights: str) -> nn.Module:
+TRUSTED_PREFIXES = ("torch.", "ultralytics.", "collections.", "builtins.", "__builtin__.", "numpy.", "_codecs.",
+                    "pathlib.", "datetime.", "models.common.", "models.yolo.")
+
+
+def _load_ultralytics(weights: str, nc: int | None = None) -> nn.Module:
     from ultralytics.nn.tasks import DetectionModel, torch_safe_load
 
     if weights.endswith((".yaml", ".yml")):
         try:
-            model = DetectionModel(weights, verbose=False)
+            model = DetectionModel(weights, nc=nc, verbose=False)
         except FileNotFoundError:
             raise UserError(f"model yaml '{weights}' not found (neither a file nor an ultralytics model yaml)") from None
     else:
         try:
             ckpt, _ = torch_safe_load(weights, safe_only=True)
         except TypeError as e:  # ultralytics' one-line refusals for bad or unsafe files
-            raise UserError(f"weights '{weights}' refused: {str(e).splitlines()[0]}") from None
+            if Path(weights).is_file():  # name what made the allow-list refuse it
+                _refuse_unknown(Path(weights), [n for n in checkpoint_globals(Path(weights))
+                                                if not n.startswith(TRUSTED_PREFIXES)], set())
+            raise UserError(f"weights '{weights}' refused: {str(e).splitlines()[0].replace('ERROR ❌️ ', '')}") from None
         except Exception as e:  # a bare name ultralytics could not download
             raise UserError(
                 f"weights '{weights}' is not a local file and could not be downloaded ({type(e).__name__}); "
@@ -225,11 +232,12 @@ def _load_ultralytics(weights: str) -> nn.Module:
     return model.eval()
 
 
-def load_model(weights: str | Path) -> nn.Module:
+def load_model(weights: str | Path, nc: int | None = None) -> nn.Module:
     """Load a detector from an original YOLOv5 checkpoint, an ultralytics checkpoint or an ultralytics model yaml.
 
     Args:
         weights: a ``.pt`` file (format detected from its pickle), a model yaml, or an ultralytics model name.
+        nc: number of classes for a model built from a yaml (default: the yaml's).
 
     Example:
         >>> model = load_model("../shared/weights/yolov5n.pt")  # YOLOv5Model, family "yolov5"
@@ -239,7 +247,7 @@ def load_model(weights: str | Path) -> nn.Module:
     if path.suffix in (".yaml", ".yml") or not path.exists():
         if path.suffix not in (".pt", ".yaml", ".yml"):
             raise UserError(f"weights '{weights}' not found: expected a .pt checkpoint or a model .yaml")
-        return _load_ultralytics(str(weights))
+        return _load_ultralytics(str(weights), nc)
     if path.is_dir():
         raise UserError(f"weights '{weights}' is a folder, expected a .pt file")
     names = checkpoint_globals(path)

@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from compression.data import build_dataset, label_file, load_data_config, split_images
+from compression.errors import UserError
+from conftest import COCO128, needs_shared
+
+
+def test_yaml_without_path_resolves_beside_itself(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the yaml's folder
+    data = load_data_config(tiny_data)
+    assert data["nc"] == 2 and data["names"][1] == "disc"
+    assert len(split_images(data, "val")) == 4
+
+
+def test_relative_path_key_resolves_beside_the_yaml(tiny_data, tmp_path):
+    cfg = yaml.safe_load(tiny_data.read_text())
+    cfg["path"] = tiny_data.parent.name
+    other = tiny_data.parent.parent / "moved.yaml"
+    other.write_text(yaml.safe_dump(cfg))
+    assert len(split_images(load_data_config(other), "train")) == 8
+
+
+def test_missing_yaml_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_data_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_pointing_at_no_images(tmp_path):
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"train": "a", "val": "b", "names": ["x"]}))
+    with pytest.raises(UserError, match="holds no images"):
+        load_data_config(tmp_path / "d.yaml")
+
+
+def test_class_id_outside_names_names_file_and_line(tiny_data, tmp_path):
+    cfg = yaml.safe_load(tiny_data.read_text())
+    cfg["names"] = {0: "square"}  # labels use class 1 too
+    bad = tiny_data.parent / "one_class.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match=r"\.txt:2: class id 1 is outside 0..0"):
+        load_data_config(bad)
+
+
+def test_label_file_follows_yolo_layout(tmp_path):
+    assert label_file(tmp_path / "images" / "val" / "a.jpg") == tmp_path / "labels" / "val" / "a.txt"
+
+
+def test_dataset_letterboxes_to_square_and_keeps_labels(tiny_data):
+    ds = build_dataset(load_data_config(tiny_data), "val", imgsz=64)
+    item = ds[0]
+    assert tuple(item["img"].shape) == (3, 64, 64)
+    assert item["cls"].flatten().tolist() == [0.0, 1.0]
+
+
+@pytest.mark.slow
+@needs_shared
+def test_coco128_reads_read_only_shared_folder():
+    data = load_data_config(COCO128)
+    assert data["nc"] == 80 and len(split_images(data, "val")) == 128
+    build_dataset(data, "val", 640)
+    assert not list(COCO128.parent.glob("labels/*.cache"))  # nothing written into the dataset

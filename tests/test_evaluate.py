@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from compression.data import build_dataset, build_loader, load_data_config
+from compression.errors import UserError
+from compression.evaluate import check_imgsz, evaluate
+from compression.export import export_onnx
+from compression.models import load_model
+from compression.runtime import Predictor
+from conftest import COCO128, YOLOV5N_PT, needs_shared
+
+
+class _OraclePredictor(Predictor):
+    """Predicts each val image's ground-truth boxes (optionally shifted), in loader order."""
+
+    def __init__(self, data, imgsz, shift=0.0):
+        self.names, self.stride, self.imgsz, self.device = data["names"], 32, None, torch.device("cpu")
+        self.labels = build_dataset(data, "val", imgsz).labels
+        self.seen, self.shift, self.size = 0, shift, imgsz
+
+    def __call__(self, img):
+        out = torch.zeros(img.shape[0], 4 + len(self.names), 10)
+        for b in range(img.shape[0]):
+            lab = self.labels[self.seen]
+            self.seen += 1
+            for j, (cls, box) in enumerate(zip(lab["cls"].flatten(), lab["bboxes"])):
+                xywh = torch.tensor(box) * self.size  # 96 px squares letterboxed to imgsz: scale only
+                xywh[0] += self.shift * xywh[2]
+                out[b, :4, j] = xywh
+                out[b, 4 + int(cls), j] = 0.9
+        return out
+
+
+def test_perfect_predictions_score_one_and_shifted_ones_less(tiny_data):
+    data = load_data_config(tiny_data)
+    perfect = evaluate(_OraclePredictor(data, 64), data, 64, progress=False)
+    assert perfect.mAP50 > 0.99 and perfect.mAP50_95 > 0.95
+    shifted = evaluate(_OraclePredictor(data, 64, shift=0.2), data, 64, progress=False)
+    assert shifted.mAP50 > 0.99 and shifted.mAP50_95 < 0.7  # IoU ~0.67: counts at 0.5, not at 0.7+
+
+
+def test_torch_and_onnx_predict_the_same_on_val_images(tiny_yolov5, tiny_data, tmp_path):
+    onnx_path = export_onnx(tiny_yolov5, 64, tmp_path / "m.onnx").onnx_path
+    data = load_data_config(tiny_data)
+    batch = next(iter(build_loader(build_dataset(data, "val", 64), 4)))
+    img = batch["img"].float() / 255
+    torch.testing.assert_close(Predictor(onnx_path)(img), Predictor(tiny_yolov5, device="cpu")(img),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_class_count_mismatch_is_refused(tiny_data):
+    model = load_model("yolov5n.yaml", nc=3)
+    with pytest.raises(UserError, match="3 classes"):
+        evaluate(model, tiny_data, 64, progress=False)
+
+
+def test_onnx_fixed_size_must_match(tiny_yolov5, tiny_data, tmp_path):
+    onnx_path = export_onnx(tiny_yolov5, 64, tmp_path / "m.onnx").onnx_path
+    with pytest.raises(UserError, match="fixed input of 64"):
+        evaluate(onnx_path, tiny_data, 96, progress=False)
+
+
+def test_imgsz_rounds_up_to_stride_with_warning():
+    with pytest.warns(UserWarning, match="using 128"):
+        assert check_imgsz(100, 32) == 128
+    with pytest.raises(UserError):
+        check_imgsz(0, 32)
+
+
+@pytest.mark.slow
+@needs_shared
+def test_yolov5n_coco128_map_torch_and_onnx(tmp_path):
+    model = load_model(YOLOV5N_PT)
+    torch_map = evaluate(model, COCO128, 640, progress=False).mAP50_95
+    onnx_map = evaluate(export_onnx(model, 640, tmp_path / "m.onnx").onnx_path, COCO128, 640, progress=False).mAP50_95
+    assert torch_map >= 0.320 and onnx_map >= 0.320
+    assert abs(torch_map - onnx_map) <= 0.003
