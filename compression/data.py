@@ -129,16 +129,37 @@ def split_images(data: dict, split: str) -> list[Path]:
 class _Dataset(YOLODataset):
     """``YOLODataset`` whose label cache lives in our cache folder, never inside the user's (maybe read-only) dataset."""
 
+    def __init__(self, *args, unlabeled: bool = False, **kwargs):
+        self.unlabeled = unlabeled
+        super().__init__(*args, **kwargs)
+
+    def get_labels(self) -> list[dict]:
+        if not self.unlabeled:
+            return super().get_labels()
+        import numpy as np
+        from PIL import Image
+
+        self.label_files = []
+        labels = []
+        for f in self.im_files:  # images only: no objects known, the teacher supplies the targets
+            with Image.open(f) as im:
+                w, h = im.size
+            labels.append({"im_file": f, "shape": (h, w), "cls": np.zeros((0, 1), np.float32),
+                           "bboxes": np.zeros((0, 4), np.float32), "segments": [], "keypoints": None,
+                           "normalized": True, "bbox_format": "xywh"})
+        return labels
+
     def _load_or_scan_cache(self, cache_path: Path, cache_hash: str):
         key = hashlib.sha1(str(Path(cache_path).resolve()).encode()).hexdigest()[:16]
         return super()._load_or_scan_cache(cache_dir() / "labels" / f"{Path(cache_path).stem}-{key}.cache", cache_hash)
 
 
 def build_dataset(data: dict, split: str, imgsz: int, augment: bool = False, batch: int = 16, stride: int = 32,
-                  hyp=None):
+                  hyp=None, unlabeled: bool = False):
     """Ultralytics' ``YOLODataset`` for one split: square letterbox when ``augment`` is off, its mosaic pipeline when on.
 
-    Label caches go to :func:`cache_dir`, so the dataset folder is only read.
+    Label caches go to :func:`cache_dir`, so the dataset folder is only read. ``unlabeled`` reads images alone
+    (every image has no objects), for distillation on photos nobody labelled.
     """
     from ultralytics.cfg import get_cfg
     from ultralytics.utils import DEFAULT_CFG
@@ -146,7 +167,7 @@ def build_dataset(data: dict, split: str, imgsz: int, augment: bool = False, bat
     (cache_dir() / "labels").mkdir(exist_ok=True)
     return _Dataset(
         img_path=data[split], imgsz=imgsz, augment=augment, hyp=hyp or get_cfg(DEFAULT_CFG), rect=False,
-        batch_size=batch, stride=stride, pad=0.0, data=data, task="detect", prefix=f"{split}: ",
+        batch_size=batch, stride=stride, pad=0.0, data=data, task="detect", prefix=f"{split}: ", unlabeled=unlabeled,
     )
 
 

@@ -267,3 +267,110 @@ def head_output_convs(model: nn.Module) -> list[nn.Conv2d]:
     if isinstance(head, AnchorDetect):
         return list(head.m)
     return [seq[-1] for branch in (head.cv2, head.cv3) for seq in branch if isinstance(seq[-1], nn.Conv2d)]
+
+
+class YOLOv5Loss:
+    """The YOLOv5 detection loss: anchor matching, CIoU box loss, objectness BCE towards IoU, class BCE.
+
+    A target is assigned to every anchor whose width and height ratios to it are within ``anchor_t``, in its own
+    grid cell and in the two neighbouring cells nearest to its centre. Per level, objectness is weighted by
+    ``balance`` (the fine level counts most). Gains follow YOLOv5's defaults, scaled for the number of levels,
+    classes and the image size.
+
+    Args:
+        head: the model's :class:`AnchorDetect`.
+        imgsz: training image size (objectness gain scales with the cell count).
+    """
+
+    def __init__(self, head: AnchorDetect, imgsz: int = 640, box: float = 0.05, obj: float = 1.0, cls: float = 0.5,
+                 anchor_t: float = 4.0, balance: tuple[float, ...] = (4.0, 1.0, 0.4)):
+        self.head, self.anchor_t, self.balance = head, anchor_t, balance
+        levels = 3 / head.nl
+        self.gain_box = box * levels
+        self.gain_obj = obj * (imgsz / 640) ** 2 * levels
+        self.gain_cls = cls * head.nc / 80 * levels
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def _match(self, targets: torch.Tensor, level: int, h: int, w: int):
+        """Targets ``[n, 6]`` (image, class, cx, cy, w, h normalised) -> (image, anchor, gy, gx, target box in cell)."""
+        anchors = self.head.anchors[level]  # [na, 2] in grid cells
+        na = anchors.shape[0]
+        t = targets[:, 2:6] * torch.tensor([w, h, w, h], device=targets.device, dtype=targets.dtype)
+        ratio = t[None, :, 2:4] / anchors[:, None]  # [na, n, 2]
+        fit = torch.max(ratio, 1 / ratio).max(2).values < self.anchor_t  # [na, n]
+        a_idx, t_idx = fit.nonzero(as_tuple=True)
+        t, img, cls = t[t_idx], targets[t_idx, 0].long(), targets[t_idx, 1].long()
+        cx, cy = t[:, 0], t[:, 1]
+        gx, gy = cx.long().clamp(0, w - 1), cy.long().clamp(0, h - 1)
+        # Own cell, then the horizontal and vertical neighbour the centre is closest to (centre offsets in (-0.5, 1.5)).
+        nx = torch.where(cx % 1 < 0.5, gx - 1, gx + 1)
+        ny = torch.where(cy % 1 < 0.5, gy - 1, gy + 1)
+        cells = [(gx, gy, torch.ones_like(gx, dtype=torch.bool)), (nx, gy, (nx >= 0) & (nx < w)),
+                 (gx, ny, (ny >= 0) & (ny < h))]
+        out = []
+        for cxs, cys, ok in cells:
+            box = torch.cat((torch.stack((cx - cxs, cy - cys), 1), t[:, 2:4]), 1)
+            out.append((img[ok], a_idx[ok], cys[ok], cxs[ok], box[ok], cls[ok]))
+        return [torch.cat(parts) for parts in zip(*out)] + [anchors]
+
+    def __call__(self, raw: list[torch.Tensor], batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (loss x batch size, detached [box, obj, cls]) for train-mode outputs and an ultralytics batch."""
+        from ultralytics.utils.metrics import bbox_iou
+
+        device = raw[0].device
+        targets = torch.cat((batch["batch_idx"].view(-1, 1), batch["cls"].view(-1, 1), batch["bboxes"]), 1).to(device)
+        lbox, lobj, lcls = (torch.zeros((), device=device) for _ in range(3))
+        for i, p in enumerate(raw):
+            b, _, h, w, _ = p.shape
+            tobj = torch.zeros(p.shape[:4], device=device, dtype=p.dtype)
+            img, a, gy, gx, tbox, tcls, anchors = self._match(targets, i, h, w)
+            if img.numel():
+                ps = p[img, a, gy, gx]
+                pxy = ps[:, :2].sigmoid() * 2 - 0.5
+                pwh = (ps[:, 2:4].sigmoid() * 2) ** 2 * anchors[a]
+                iou = bbox_iou(torch.cat((pxy, pwh), 1), tbox, xywh=True, CIoU=True).squeeze(-1)
+                lbox = lbox + (1 - iou).mean()
+                tobj[img, a, gy, gx] = iou.detach().clamp(0).to(tobj.dtype)
+                if self.head.nc > 1:
+                    onehot = torch.zeros_like(ps[:, 5:])
+                    onehot[torch.arange(len(tcls)), tcls] = 1.0
+                    lcls = lcls + self.bce(ps[:, 5:], onehot)
+            lobj = lobj + self.bce(p[..., 4], tobj) * self.balance[i]
+        items = torch.stack((lbox * self.gain_box, lobj * self.gain_obj, lcls * self.gain_cls))
+        return items.sum() * raw[0].shape[0], items.detach()
+
+
+def task_loss(model: nn.Module, imgsz: int = 640):
+    """The family's own detection loss: ``loss(raw_outputs, batch) -> (loss x batch size, detached items)``."""
+    head = detect_head(model)
+    if isinstance(head, AnchorDetect):
+        return YOLOv5Loss(head, imgsz)
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG
+
+    if not hasattr(model, "args") or not hasattr(model.args, "box"):
+        model.args = get_cfg(DEFAULT_CFG)  # the loss reads its gains (box, cls, dfl) from model.args
+    criterion = model.init_criterion()
+
+    def loss(raw, batch):
+        total, items = criterion(raw, batch)
+        return total.sum(), items
+
+    return loss
+
+
+def raw_view(model: nn.Module, raw) -> dict[str, torch.Tensor | None]:
+    """Train-mode outputs as ``cls`` logits ``[b, A, nc]``, ``obj`` logits ``[b, A]`` (or None), ``box`` ``[b, A, 4]``.
+
+    ``box`` is what the head regresses before the pixel decode: YOLOv5's sigmoid xywh offsets, or the expected
+    DFL distances (grid cells) of an ultralytics head. Distillation compares student and teacher through this.
+    """
+    head = detect_head(model)
+    if isinstance(head, AnchorDetect):
+        p = torch.cat([r.view(r.shape[0], -1, head.no) for r in raw], 1)
+        return {"cls": p[..., 5:], "obj": p[..., 4], "box": p[..., :4].sigmoid()}
+    raw = raw.get("one2many", raw)
+    b, _, a = raw["boxes"].shape
+    dist = raw["boxes"].view(b, 4, -1, a).softmax(2)
+    bins = torch.arange(dist.shape[2], device=dist.device, dtype=dist.dtype).view(1, 1, -1, 1)
+    return {"cls": raw["scores"].transpose(1, 2), "obj": None, "box": (dist * bins).sum(2).transpose(1, 2)}
