@@ -1,0 +1,49 @@
+"""One model's figures: export to ONNX, mAP of the ONNX file, its latency and size, torch params and MACs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from compression.benchmark import benchmark
+from compression.evaluate import evaluate
+from compression.export import export_onnx
+from compression.runtime import cache_dir
+
+
+@dataclass
+class Measurement:
+    mAP50: float
+    mAP50_95: float
+    latency_ms: float
+    size_mb: float
+    params: int
+    macs: int
+
+
+def measure(model: nn.Module, data: dict, imgsz: int, onnx_path: str | Path, progress: bool = True) -> Measurement:
+    """Export ``model`` to ``onnx_path`` and measure that file (accuracy and speed of what is shipped)."""
+    path = export_onnx(model, imgsz, onnx_path).onnx_path
+    acc = evaluate(path, data, imgsz, progress=progress)
+    speed = benchmark(path, imgsz, model=model, progress=progress)
+    return Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, speed.params, speed.macs)
+
+
+def baseline(model: nn.Module, weights: str, data: dict, imgsz: int, progress: bool = True) -> Measurement:
+    """The FP32 model's figures, cached per (weights file, dataset, imgsz); the cache entry is written atomically."""
+    st = Path(weights).stat() if Path(weights).is_file() else None
+    key = json.dumps([str(Path(weights).resolve()), st and st.st_size, st and st.st_mtime_ns, data["yaml_file"], imgsz])
+    entry = cache_dir() / "baselines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    if entry.is_file():
+        return Measurement(**json.loads(entry.read_text()))
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    result = measure(model, data, imgsz, entry.with_suffix(".onnx"), progress)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(result)))
+    tmp.replace(entry)
+    return result

@@ -1,0 +1,69 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from compression.config import build_config, parse_sets
+from compression.errors import UserError
+from conftest import write_yolov5_checkpoint
+
+TRIAL = Path(__file__).resolve().parents[1] / "trial.py"
+
+
+def run_trial(weights, data, out, *sets, env=None):
+    cmd = [sys.executable, str(TRIAL), "--weights", str(weights), "--data", str(data), "--imgsz", "64",
+           "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import os
+
+    return {**os.environ, "YOLO_COMPRESS_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_pt(tiny_yolov5, tmp_path_factory):
+    return write_yolov5_checkpoint(tiny_yolov5, tmp_path_factory.mktemp("w") / "tiny.pt")
+
+
+def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0.25", "kd_epochs=1", "batch=4", "device=cpu",
+                  "quantize=false", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    keys = {"mAP50", "mAP50_95", "latency_ms", "size_mb", "params", "macs"}
+    assert set(report["baseline"]) == keys and set(report["result"]) == keys
+    assert report["result"]["params"] < report["baseline"]["params"]
+    assert [e["epoch"] for e in report["stages"]["distill"]["epochs"]] == [1]
+    assert report["stages"]["prune"]["seconds"] > 0 and (tmp_path / "model.onnx").is_file()
+
+
+def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_path, env):
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "kd_epochs=0", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["result"]["mAP50_95"] == report["baseline"]["mAP50_95"]
+    assert report["result"]["params"] == report["baseline"]["params"]
+
+
+@pytest.mark.parametrize("bad, expect", [("sparsty=0.2", "did you mean 'sparsity'"),
+                                         ("sparsity=0.95", "sparsity must be in"), ("kd_alpha=2", "kd_alpha")])
+def test_bad_keys_and_values_are_one_line(tiny_pt, tiny_data, tmp_path, bad, expect, env):
+    r = run_trial(tiny_pt, tiny_data, tmp_path, bad, env=env)
+    assert r.returncode == 2 and expect in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_set_values_are_typed():
+    cfg = build_config(parse_sets(["sparsity=0.2", "kd_epochs=3", "quantize=false", "prune_importance=l2"]))
+    assert (cfg.sparsity, cfg.kd_epochs, cfg.quantize, cfg.prune_importance) == (0.2, 3, False, "l2")
+    with pytest.raises(UserError, match="kd_epochs must be a int"):
+        build_config(parse_sets(["kd_epochs=1.5"]))
+    with pytest.raises(UserError, match="key=value"):
+        parse_sets(["sparsity"])
