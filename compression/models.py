@@ -141,7 +141,7 @@ class YOLOv5Model(nn.Module):
             raise UserError("YOLOv5 model yaml: integer 'anchors' (autoanchor) is not supported; give anchor sizes")
         # Probe the feature maps once to learn the head's input channels and strides.
         probe = 256
-        feats = self._features(layers, save + list(head_from), torch.zeros(1, d.get("ch", 3), probe, probe))
+        _, feats = self._run(layers, set(save) | set(head_from), torch.zeros(1, d.get("ch", 3), probe, probe))
         ch = [feats[j].shape[1] for j in head_from]
         stride = torch.tensor([probe / feats[j].shape[-2] for j in head_from])
         detect = AnchorDetect(self.nc, anchors, ch, stride)
@@ -152,23 +152,19 @@ class YOLOv5Model(nn.Module):
         self.names = names or {i: str(i) for i in range(self.nc)}
 
     @staticmethod
-    def _features(layers, save, x):
+    def _run(layers, save, x):
+        """YOLOv5's layer walk: each layer reads the outputs named by its ``f``; only ``save`` outputs are kept."""
         y = {}
         for m in layers:
             if m.f != -1:
                 x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
             x = m(x)
-            y[m.i] = x
-        return y
+            if m.i in save:
+                y[m.i] = x
+        return x, y
 
     def forward(self, x: torch.Tensor):
-        y = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        return x
+        return self._run(self.model, self.save, x)[0]
 
 
 def _load_yolov5(path: Path, names_in_file: list[str]) -> YOLOv5Model:
