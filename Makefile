@@ -21,5 +21,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
 
+# The main job. Overrides, none required: WEIGHTS, DATA, IMGSZ, BUDGET ("--set key=value ..."), PORT.
+PORT    ?= 8080
+experiment: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" \
+	$(if $(WEIGHTS),YC_WEIGHTS="$(abspath $(WEIGHTS))") $(if $(DATA),YC_DATA="$(abspath $(DATA))") \
+	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") \
+	$(BIN)/nnictl create --config experiment.yml --port $(PORT)
+	@echo "dashboard: http://localhost:$(PORT)   best model: $(BIN)/python -m compression best --experiment <ID> --out best.onnx"
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,10 +1,16 @@
-"""One run of the compression chain: load -> prune -> distill -> export -> evaluate/benchmark -> report.
+"""One NNI trial: the compression chain for one sampled configuration, reported to the tuner.
 
-Standalone:
-    python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco128/data.yaml \
+    params (NNI or --set) -> TrialConfig -> load -> prune -> reconstruct -> distill -> INT8 (PTQ | QAT)
+                          -> export_onnx -> evaluate / benchmark beside the FP32 baseline -> score -> report
+
+Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, the per-epoch val mAP is
+reported as intermediate results and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to
+the trial's ``NNI_OUTPUT_DIR``. Standalone:
+
+    python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco128/data.yaml \\
         --imgsz 640 --out runs/t1 --set sparsity=0.2 --set kd_epochs=10 --set quantize=false
 
-Writes DIR/model.onnx and, last, DIR/report.json. This is the only file that will import nni (the experiment).
+Writes OUT/model.onnx, OUT/fp32.onnx and, last, OUT/report.json. This is the only file that imports nni.
 """
 
 from __future__ import annotations
@@ -13,72 +19,70 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 
+# The trial's fixed budget: what a user edits (or overrides by environment) for their own weights and data.
+DEFAULTS = {
+    "weights": os.environ.get("YC_WEIGHTS", "../shared/weights/yolov5n.pt"),
+    "data": os.environ.get("YC_DATA", "../shared/datasets/coco128/data.yaml"),
+    "imgsz": int(os.environ.get("YC_IMGSZ", "640")),
+    "set": [s for s in os.environ.get("YC_SET", "").split() if s],  # fixed key=value pairs, e.g. "kd_epochs=4"
+}
 
-def run(args) -> dict:
-    from compression.config import build_config, parse_sets
-    from compression.data import load_data_config
-    from compression.distill import distill
-    from compression.evaluate import check_imgsz
-    from compression.measure import baseline, measure
-    from compression.models import load_model
-    from compression.prune import prune
 
-    cfg = build_config(parse_sets(args.set))
-    data = load_data_config(args.data, ("train", "val") if cfg.kd_alpha < 1 else ("val",))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = load_model(args.weights)
-    imgsz = check_imgsz(args.imgsz, int(max(teacher.stride)))
-    base = baseline(teacher, args.weights, data, imgsz)
-    stages = {}
-
-    t0 = time.perf_counter()
-    student, pruned = prune(teacher, cfg.prune_config(), imgsz)
-    stages["prune"] = {**asdict(pruned), "seconds": time.perf_counter() - t0}
-
-    student, distilled = distill(student, teacher, data, cfg.distill_config(), imgsz,
-                                 on_epoch=lambda e: print(json.dumps({"epoch": e}), flush=True))
-    stages["distill"] = asdict(distilled)
-
-    t0 = time.perf_counter()
-    result = measure(student, data, imgsz, out / "model.onnx")
-    stages["measure"] = {"seconds": time.perf_counter() - t0}
-
-    report = {"config": asdict(cfg), "weights": str(args.weights), "data": data["yaml_file"], "imgsz": imgsz,
-              "baseline": asdict(base), "result": asdict(result), "stages": stages}
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")  # last, and atomic: a report means the run finished
-    return report
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=DEFAULTS["weights"], help="FP32 .pt checkpoint or model .yaml")
+    parser.add_argument("--data", default=DEFAULTS["data"], help="ultralytics-style dataset yaml")
+    parser.add_argument("--imgsz", type=int, default=DEFAULTS["imgsz"])
+    parser.add_argument("--out", default=None, help="output folder (default: NNI_OUTPUT_DIR, else runs/trial)")
+    parser.add_argument("--set", action="append", default=list(DEFAULTS["set"]), metavar="KEY=VALUE",
+                        help="TrialConfig field (repeatable)")
+    parser.add_argument("--score", action="append", default=[], metavar="KEY=VALUE",
+                        help="ScoreConfig field (repeatable): w_map, w_latency, w_size, max_map_drop, penalty")
+    parser.add_argument("--nni", action="store_true", help="take parameters from NNI and report to it")
+    parser.add_argument("--verbose", action="store_true")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrialConfig field")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if not args.verbose:
         os.environ.setdefault("YOLO_VERBOSE", "False")
         warnings.filterwarnings("ignore")
+    from compression.chain import run_chain
+    from compression.config import build_config, parse_sets
     from compression.errors import UserError
+    from compression.score import build_score_config, score
 
+    nni = None
+    if args.nni or os.environ.get("NNI_PLATFORM"):
+        import nni
     try:
-        report = run(args)
+        overrides = parse_sets(args.set)
+        if nni is not None:
+            overrides.update(nni.get_next_parameter() or {})  # tuner values over the fixed budget
+        cfg = build_config(overrides)
+        score_cfg = build_score_config(parse_sets(args.score))
+        out = Path(args.out or os.environ.get("NNI_OUTPUT_DIR") or "runs/trial")
+
+        def on_epoch(record):
+            print(json.dumps({"epoch": record}), flush=True)
+            if nni is not None:
+                nni.report_intermediate_result(record["mAP50_95"])
+
+        report = run_chain(args.weights, args.data, args.imgsz, cfg, out, on_epoch=on_epoch,
+                           progress=sys.stderr.isatty(), score_fn=lambda r: score(r, score_cfg))
+        final = report["final"]
     except UserError as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"baseline": report["baseline"], "result": report["result"]}))
+    if nni is not None:
+        nni.report_final_result(final)
+    print(json.dumps(final))
     return 0
 
 

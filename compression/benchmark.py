@@ -75,3 +75,34 @@ def benchmark(onnx_path: str | Path, imgsz: int | None = None, runs: int = 50, w
         threads=session.get_session_options().intra_op_num_threads, size_mb=Path(onnx_path).stat().st_size / 1e6,
         runs=runs, params=params, macs=macs,
     )
+
+
+def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: int | None = None, runs: int = 50,
+                   warmup: int = 10, threads: int | None = None, progress: bool = True) -> tuple[BenchResult, BenchResult]:
+    """Time ``model`` and ``baseline`` in the same run, alternating one inference of each, so that the machine's
+    load drifts affect both alike; returns ``(model, baseline)`` results (compare only these two with each other)."""
+    if runs < 30:
+        raise UserError(f"runs must be >= 30 for a stable median and p90, got {runs}")
+    sessions, times = [], [[], []]
+    for path in (model, baseline):
+        if not Path(path).is_file():
+            raise UserError(f"ONNX model '{path}' not found")
+        sessions.append(onnx_session(path, threads))
+    shapes = [s.get_inputs()[0].shape[2] for s in sessions]
+    fixed = next((s for s in shapes if isinstance(s, int)), None)
+    imgsz = imgsz or fixed or 640
+    for path, s in zip((model, baseline), shapes):
+        if isinstance(s, int) and s != imgsz:
+            raise UserError(f"ONNX model '{path}' has a fixed input of {s} px, but imgsz={imgsz} was asked")
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    for i in tqdm(range(warmup + runs), desc="benchmark pair", disable=not progress, leave=False):
+        for k, session in enumerate(sessions if i % 2 == 0 else sessions[::-1]):
+            k = k if i % 2 == 0 else 1 - k
+            t0 = time.perf_counter()
+            session.run(None, {session.get_inputs()[0].name: x})
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    return tuple(BenchResult(latency_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
+                             threads=s.get_session_options().intra_op_num_threads,
+                             size_mb=Path(p).stat().st_size / 1e6, runs=runs)
+                 for t, s, p in zip(times, sessions, (model, baseline)))

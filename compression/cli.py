@@ -27,19 +27,36 @@ def _evaluate(args) -> dict:
 
 
 def _benchmark(args) -> dict:
-    from compression.benchmark import benchmark
+    from compression.benchmark import benchmark, benchmark_pair, count_params_and_macs
 
-    model = None
+    if args.baseline:  # both in the same run, interleaved: the only fair latency ratio on a noisy machine
+        res, base = benchmark_pair(args.model, args.baseline, args.imgsz, runs=args.runs, threads=args.threads)
+        result = asdict(res)
+        result.update(baseline_latency_ms=base.latency_ms, baseline_p90_ms=base.p90_ms, baseline_size_mb=base.size_mb,
+                      latency_ratio=res.latency_ms / base.latency_ms, speedup=base.latency_ms / res.latency_ms,
+                      size_ratio=res.size_mb / base.size_mb)
+    else:
+        result = asdict(benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads))
     if args.weights:
         from compression.models import load_model
 
-        model = load_model(args.weights)
-    result = asdict(benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads, model=model))
-    if args.baseline:
-        base = benchmark(args.baseline, args.imgsz, runs=args.runs, threads=args.threads)
-        result.update(baseline_latency_ms=base.latency_ms, baseline_size_mb=base.size_mb,
-                      speedup=base.latency_ms / result["latency_ms"], size_ratio=result["size_mb"] / base.size_mb)
+        result["params"], result["macs"] = count_params_and_macs(load_model(args.weights), result.get("imgsz") or
+                                                                 args.imgsz or _onnx_imgsz(args.model))
     return result
+
+
+def _onnx_imgsz(path) -> int:
+    from compression.runtime import onnx_session
+
+    shape = onnx_session(path).get_inputs()[0].shape[2]
+    return shape if isinstance(shape, int) else 640
+
+
+def _best(args) -> dict:
+    from compression.experiment import best_trial, export_best, trials_from_disk, trials_from_rest
+
+    trials = trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
+    return export_best(best_trial(trials, args.metric), args.out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="FP32 .onnx to time in the same run; adds speedup and size_ratio")
     p.add_argument("--weights", help="the torch model, to add params and MACs")
     p.set_defaults(func=_benchmark)
+
+    p = sub.add_parser("best", help="copy the best complete trial's INT8 ONNX (and its report) out of an experiment")
+    p.add_argument("--experiment", required=True, help="NNI experiment id")
+    p.add_argument("--out", required=True, help="output .onnx path; the report goes beside it as <name>.report.json")
+    p.add_argument("--metric", default="default", help="final-metric key to rank by (default: the score)")
+    p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
+    p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
+    p.set_defaults(func=_best)
     return parser
 
 

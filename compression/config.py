@@ -11,6 +11,7 @@ import yaml
 from compression.distill import DistillConfig
 from compression.errors import UserError
 from compression.prune import PruneConfig
+from compression.quantize import QuantConfig
 
 
 @dataclass
@@ -20,26 +21,51 @@ class TrialConfig:
     kd_epochs: int = 10  # recovery/distillation epochs over the train split
     kd_temperature: float = 4.0  # 1..20
     kd_alpha: float = 0.7  # 0..1, weight of the distillation loss
+    kd_feature: float = 1.0  # weight of the per-layer feature matching inside the distillation loss, >= 0
     kd_images: str | None = None  # extra unlabeled image folder for distillation
-    lr: float = 0.01  # peak SGD learning rate
+    recon_images: int = 32  # train images for the least-squares reconstruction after pruning, 0 = none
+    lr: float = 0.01  # peak learning rate
+    optimizer: str = "sgd"  # sgd | adamw
+    freeze_bn: bool = True  # BN running statistics stay fixed during recovery training
     batch: int = 16  # images per training step
     mosaic: float = 0.0  # mosaic augmentation probability, 0..1
     device: str = "auto"  # auto | cpu | cuda[:N]
     seed: int = 0
-    quantize: bool = False  # INT8 quantization is not built yet (issue 4): only false is accepted
+    quantize: bool = True  # INT8 (PTQ, or QAT when qat_epochs > 0); false stops after distillation
+    quant_granularity: str = "per_channel"  # per_channel | per_tensor (weights)
+    calib_method: str = "percentile"  # percentile | minmax | entropy
+    calib_images: int = 128  # train images for calibration
+    qat_epochs: int = 0  # 0 = post-training quantization
+    qat_lr: float = 0.0002  # peak learning rate of QAT (AdamW)
+    max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose before the sensitivity fallback
 
     def __post_init__(self):
-        if self.quantize:
-            raise ValueError("quantize must be false in this version (the INT8 stage is not built yet)")
+        if not 0 <= self.qat_epochs <= 100:
+            raise ValueError(f"qat_epochs must be in 0..100, got {self.qat_epochs}")
+        if not 0 < self.qat_lr <= 1:
+            raise ValueError(f"qat_lr must be in (0, 1], got {self.qat_lr}")
+        self.quant_config()
+        if not 0 <= self.recon_images <= 10000:
+            raise ValueError(f"recon_images must be in 0..10000, got {self.recon_images}")
         self.prune_config()
         self.distill_config()
+
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig(granularity=self.quant_granularity, calib_method=self.calib_method,
+                           calib_images=self.calib_images, max_int8_drop=self.max_int8_drop, seed=self.seed)
+
+    def qat_distill_config(self) -> DistillConfig:
+        return DistillConfig(kd_epochs=self.qat_epochs, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
+                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="adamw",
+                             batch=self.batch, mosaic=self.mosaic, device=self.device, seed=self.seed,
+                             warmup_epochs=0)
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(sparsity=self.sparsity, importance=self.prune_importance)
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(kd_epochs=self.kd_epochs, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
-                             kd_images=self.kd_images, lr=self.lr, batch=self.batch, mosaic=self.mosaic,
+                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.lr, optimizer=self.optimizer, freeze_bn=self.freeze_bn, batch=self.batch, mosaic=self.mosaic,
                              device=self.device, seed=self.seed)
 
 

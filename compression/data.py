@@ -197,3 +197,16 @@ def letterbox(img, imgsz: int):
     boxed = LetterBox((imgsz, imgsz), auto=False)(image=img)
     chw = np.ascontiguousarray(boxed[..., ::-1].transpose(2, 0, 1))
     return torch.from_numpy(chw).float().unsqueeze(0) / 255
+
+
+def train_images(data: dict, count: int, imgsz: int, seed: int = 0):
+    """``count`` images of the train split (a seeded random choice), letterboxed: ``[count, 3, imgsz, imgsz]``."""
+    import random
+
+    import torch
+
+    files = split_images(data, "train")
+    if not files:
+        raise UserError(f"the train split of '{data.get('yaml_file', 'the dataset')}' has no images")
+    files = random.Random(seed).sample(files, min(count, len(files)))
+    return torch.cat([letterbox(read_image(f), imgsz) for f in files])

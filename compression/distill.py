@@ -6,15 +6,21 @@
 student/teacher train-mode outputs seen through :func:`compression.models.raw_view`, ``T`` the temperature,
 ``sig`` the sigmoid and ``BCE(x, q)`` binary cross-entropy of logits ``x`` against soft targets ``q``:
 
-    kd_loss = B * (T^2 * [cls + obj] + box)
-    cls = sum_a w_a * sum_c KL(s_cls/T, t_cls/T) / sum_a w_a,   w_a = sig(t_obj) (1 for heads without obj)
+    kd_loss = T^2 * [cls + obj] + box + beta * feat
+    cls = sum_a w_a * mean_c KL(s_cls/T, t_cls/T) / sum_a w_a,   w_a = sig(t_obj) (1 for heads without obj)
     obj = mean_a KL(s_obj/T, t_obj/T)                           (0 for heads without objectness)
     KL(x, y) = BCE(x, sig(y)) - BCE(y, sig(y))                  (Bernoulli KL divergence, 0 when x = y)
     box = sum_a c_a * |s_box - t_box|^2 / sum_a c_a,                 c_a = teacher confidence of anchor a
 
-over all anchors ``a`` of the batch (``B`` images, the same scale as the task losses). Class logits are weighted by
-the teacher's objectness because YOLOv5 trains them only on object anchors; box regression is pulled towards the
-teacher where the teacher is confident.
+    feat = mean_l mean((s_l - t_l[kept_l])^2) / mean(t_l^2)      (beta = kd_feature)
+
+with ``s_l``/``t_l`` the outputs of every Conv block ``l`` (conv, BN, activation) and ``kept_l`` the teacher channels
+the pruned student kept there (recorded by :func:`compression.prune.prune`; all of them when unpruned), over all
+anchors ``a`` of the batch. Class logits are weighted by the teacher's objectness because YOLOv5 trains them only on
+object anchors; box regression is pulled towards the teacher where the teacher is confident; the feature term gives
+every pruned layer a dense target. Unlike the task losses, kd_loss is not multiplied by the batch size: measured on
+YOLOv5n pruned by 0.2, its gradient norm is then ~18 (outputs) and ~6 (features) against ~11 for the task loss,
+instead of ~30x the clipping norm (10), where every step was clipped to almost nothing.
 """
 
 from __future__ import annotations
@@ -42,10 +48,13 @@ class DistillConfig:
     kd_epochs: int = 10  # passes over the train split, 0 = no training
     kd_temperature: float = 4.0  # softening of teacher and student logits, 1 <= T <= 20
     kd_alpha: float = 0.7  # weight of kd_loss against the task loss, 0..1 (1 = distillation only, no labels needed)
-    lr: float = 0.01  # peak SGD learning rate, 0 < lr <= 1
+    lr: float = 0.01  # peak learning rate, 0 < lr <= 1
+    freeze_bn: bool = True  # BN layers use their running statistics while training (small-data fine-tuning)
+    optimizer: str = "sgd"  # "sgd" (nesterov, momentum 0.937) | "adamw" (betas 0.937/0.999)
     batch: int = 16  # images per step
     warmup_epochs: float = 1.0  # linear LR warm-up, in epochs
     mosaic: float = 0.0  # ultralytics mosaic probability for the train split, 0..1
+    kd_feature: float = 1.0  # weight of the per-layer feature term inside kd_loss, >= 0
     kd_images: str | None = None  # extra folder of unlabeled images; on them only kd_loss counts
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda[:N]
     workers: int = 2  # dataloader workers
@@ -54,9 +63,11 @@ class DistillConfig:
     def __post_init__(self):
         checks = {"kd_epochs": 0 <= self.kd_epochs <= 1000, "kd_temperature": 1 <= self.kd_temperature <= 20,
                   "kd_alpha": 0 <= self.kd_alpha <= 1, "lr": 0 < self.lr <= 1, "batch": 1 <= self.batch <= 1024,
-                  "warmup_epochs": 0 <= self.warmup_epochs, "mosaic": 0 <= self.mosaic <= 1}
+                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature, "mosaic": 0 <= self.mosaic <= 1}
         ranges = {"kd_epochs": "0..1000", "kd_temperature": "1..20", "kd_alpha": "0..1", "lr": "(0, 1]",
-                  "batch": "1..1024", "warmup_epochs": ">= 0", "mosaic": "0..1"}
+                  "batch": "1..1024", "warmup_epochs": ">= 0", "kd_feature": ">= 0", "mosaic": "0..1"}
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be one of ('sgd', 'adamw'), got {self.optimizer!r}")
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} must be in {ranges[name]}, got {getattr(self, name)}")
@@ -74,8 +85,57 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, logits.sigmoid(), reduction="none")
 
 
-def kd_loss(student: dict, teacher: dict, temperature: float) -> torch.Tensor:
-    """The distillation term of one batch (see the module docstring), times the batch size."""
+def _width(block: nn.Module) -> int:
+    """Output channels of an ultralytics Conv block (BN folded or not, fake-quantized or not)."""
+    if hasattr(block, "bn"):
+        return block.bn.num_features
+    return getattr(block.conv, "conv", block.conv).out_channels
+
+
+class FeatureTaps:
+    """Forward hooks on the Conv blocks of a student and its teacher, and the feature term between them."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        from ultralytics.nn.modules import Conv
+
+        kept = getattr(student, "kept_channels", {})
+        t_mods = dict(teacher.named_modules())
+        self.pairs, self.out, self.handles = [], {}, []
+        for name, m in student.named_modules():
+            t = t_mods.get(name)
+            if not isinstance(m, Conv) or not isinstance(t, Conv):
+                continue
+            idx = kept.get(f"{name}.bn")
+            if idx is None and _width(m) != _width(t):
+                continue  # no channel correspondence known
+            idx = None if idx is None else torch.tensor(idx)
+            self.pairs.append((name, idx))
+            for side, mod in (("s", m), ("t", t)):
+                self.handles.append(mod.register_forward_hook(self._hook((side, name))))
+
+    def _hook(self, key):
+        def hook(_module, _inp, output):
+            self.out[key] = output
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        terms = []
+        for name, idx in self.pairs:
+            s, t = self.out[("s", name)], self.out[("t", name)]
+            if idx is not None:
+                t = t.index_select(1, idx.to(t.device))
+            terms.append((s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-6))
+        self.out.clear()
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def kd_loss(student: dict, teacher: dict, temperature: float, feat: torch.Tensor | None = None,
+            feat_weight: float = 0.0) -> torch.Tensor:
+    """The distillation term of one batch (see the module docstring)."""
     t = temperature
     if teacher["obj"] is not None:
         obj_w = teacher["obj"].sigmoid()
@@ -87,19 +147,22 @@ def kd_loss(student: dict, teacher: dict, temperature: float) -> torch.Tensor:
         obj = torch.zeros((), device=obj_w.device)
         conf = teacher["cls"].sigmoid().amax(-1)
     cls_per_anchor = F.binary_cross_entropy_with_logits(
-        student["cls"] / t, (teacher["cls"] / t).sigmoid(), reduction="none").sum(-1)
-    cls_per_anchor = cls_per_anchor - _entropy(teacher["cls"] / t).sum(-1)  # BCE - H(teacher): 0 when equal
+        student["cls"] / t, (teacher["cls"] / t).sigmoid(), reduction="none").mean(-1)
+    cls_per_anchor = cls_per_anchor - _entropy(teacher["cls"] / t).mean(-1)  # BCE - H(teacher): 0 when equal
     cls = (obj_w * cls_per_anchor).sum() / obj_w.sum().clamp(min=1e-6)
     box = (conf * (student["box"] - teacher["box"]).pow(2).sum(-1)).sum() / conf.sum().clamp(min=1e-6)
-    return student["cls"].shape[0] * (t * t * (cls + obj) + box)
+    extra = feat_weight * feat if feat is not None and feat_weight else 0.0
+    return t * t * (cls + obj) + box + extra
 
 
-def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.937, nesterov=True)
+    groups = [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.937, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=0.937, nesterov=True)
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConfig, imgsz: int = 640,
@@ -148,12 +211,13 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             build_dataset(extra, "train", imgsz, augment=True, batch=cfg.batch, stride=stride, hyp=hyp, unlabeled=True),
             cfg.batch, shuffle=True, workers=cfg.workers))
     criterion = task_loss(student, imgsz)
-    optimizer = _optimizer(student, cfg.lr)
+    optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
     steps = cfg.kd_epochs * len(loader)
     warmup = max(1, round(cfg.warmup_epochs * len(loader))) if cfg.warmup_epochs else 0
     # ultralytics' EMA ramps its decay up to 0.9999 over ~2000 steps; a recovery run is often under 100 steps,
     # so average over about a fifth of the run instead.
     ema = ModelEMA(student, decay=min(0.9999, 1 - 5 / steps), tau=max(1, steps / 10))
+    taps = FeatureTaps(student, teacher) if cfg.kd_feature and cfg.kd_alpha else None  # after the EMA copy
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
@@ -167,7 +231,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             raw = student(img)
             with torch.no_grad():
                 t_raw = teacher(img)
-            kd = kd_loss(raw_view(student, raw), raw_view(teacher, t_raw), cfg.kd_temperature)
+            kd = kd_loss(raw_view(student, raw), raw_view(teacher, t_raw), cfg.kd_temperature,
+                         taps.loss() if taps else None, cfg.kd_feature)
             if not labeled or cfg.kd_alpha == 1:
                 return kd
             task, _ = criterion(raw, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
@@ -176,6 +241,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
     best_map, best_state, step = -1.0, None, 0
     for epoch in range(1, cfg.kd_epochs + 1):
         student.train()
+        if cfg.freeze_bn:  # keep BN running statistics (the teacher's, for the kept channels); affine still trains
+            for m in student.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         e0, total = time.perf_counter(), 0.0
         bar = tqdm(loader, desc=f"distill {epoch}/{cfg.kd_epochs}", disable=not progress, leave=False)
         for batch in bar:
@@ -202,6 +271,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             on_epoch(record)
         if metrics.mAP50_95 > best_map:
             best_map, best_state, result.best_epoch = metrics.mAP50_95, copy.deepcopy(ema.ema.state_dict()), epoch
+    if taps:
+        taps.remove()
     student.load_state_dict(best_state)
     result.seconds = time.perf_counter() - t0
     return student.cpu().eval(), result

@@ -34,16 +34,24 @@ def measure(model: nn.Module, data: dict, imgsz: int, onnx_path: str | Path, pro
     return Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, speed.params, speed.macs)
 
 
-def baseline(model: nn.Module, weights: str, data: dict, imgsz: int, progress: bool = True) -> Measurement:
-    """The FP32 model's figures, cached per (weights file, dataset, imgsz); the cache entry is written atomically."""
+def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
+             progress: bool = True) -> tuple[Measurement, Path]:
+    """The FP32 model's figures and ONNX file, cached per (weights file, dataset, imgsz).
+
+    The ONNX file is renamed into place before the JSON entry is, and each atomically, so concurrent trials never
+    read half an entry. Latency is machine-state dependent: compare it only with a figure timed in the same run.
+    """
     st = Path(weights).stat() if Path(weights).is_file() else None
     key = json.dumps([str(Path(weights).resolve()), st and st.st_size, st and st.st_mtime_ns, data["yaml_file"], imgsz])
     entry = cache_dir() / "baselines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    if entry.is_file():
-        return Measurement(**json.loads(entry.read_text()))
+    onnx_path = entry.with_suffix(".onnx")
+    if entry.is_file() and onnx_path.is_file():
+        return Measurement(**json.loads(entry.read_text())), onnx_path
     entry.parent.mkdir(parents=True, exist_ok=True)
-    result = measure(model, data, imgsz, entry.with_suffix(".onnx"), progress)
+    tmp_onnx = entry.with_name(f".{entry.stem}.{os.getpid()}.onnx")
+    result = measure(model, data, imgsz, tmp_onnx, progress)
+    tmp_onnx.replace(onnx_path)
     tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(asdict(result)))
     tmp.replace(entry)
-    return result
+    return result, onnx_path

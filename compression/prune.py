@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from compression.benchmark import count_params_and_macs
@@ -88,8 +89,124 @@ def prune(model: nn.Module, cfg: PruneConfig, imgsz: int = 640) -> tuple[nn.Modu
         model, example, importance=_importance(cfg.importance), pruning_ratio=cfg.sparsity,
         pruning_ratio_dict=ratios, ignored_layers=ignored, round_to=cfg.round_to,
     )
-    pruner.step()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    # Record which of the original channels each BatchNorm keeps: distillation matches the student's features to
+    # the teacher's at those channels (structured pruning keeps a subset, in order).
+    bns = {m: name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    removed: dict[str, set[int]] = {}
+    widths = {name: m.num_features for m, name in bns.items()}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            layer = dep.target.module
+            if layer in bns and dep.handler == tp.prune_batchnorm_out_channels:
+                removed.setdefault(bns[layer], set()).update(int(i) for i in idxs)
+        group.prune()
+    model.kept_channels = {name: [c for c in range(widths[name]) if c not in gone] for name, gone in removed.items()}
+    for m in model.modules():  # trainable again, except ultralytics' fixed DFL projection
+        if type(m).__name__ != "DFL":
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(True)
     params_after, macs_after = count_params_and_macs(model, imgsz)
     return model, PruneResult(params, params_after, macs, macs_after, time.perf_counter() - t0)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the tensor it wanted has been seen."""
+
+
+def _conv_order(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """Names of the model's Conv2d modules in the order a forward pass runs them."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    order, handles = [], [m.register_forward_pre_hook(lambda m, _i: order.append(names[m])) for m in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, samples: int = 512,
+                ridge: float = 0.01, progress: bool = True) -> nn.Module:
+    """Refit each conv of a pruned ``student`` by least squares so its output matches the teacher's kept channels.
+
+    Layer by layer in execution order (channel-pruning "reconstruction"), with ``X`` the student's own input patches
+    at that layer (so upstream errors are corrected too), ``Y`` the teacher's pre-BN conv output at the channels the
+    student kept and ``W0`` the pruned weights, on ``samples`` random positions per image:
+
+        W = argmin |W X - Y|^2 + lambda |W - W0|^2 = (Y X^T + lambda W0)(X X^T + lambda I)^-1,
+        lambda = ridge * mean(diag(X X^T))
+
+    A fifth of the positions is held out; a layer keeps ``W0`` when the refit does not lower the held-out error.
+    Returns the student, changed in place; grouped convs and layers without a known channel map are left as they are.
+    """
+    from tqdm import tqdm
+
+    kept = getattr(student, "kept_channels", {})
+    student.eval()
+    teacher.eval()
+    t_mods, s_mods = dict(teacher.named_modules()), dict(student.named_modules())
+    order = _conv_order(student, images[:1])
+    gen = torch.Generator().manual_seed(0)
+
+    targets, handles = {}, []  # name -> (positions [n, k], teacher pre-BN output there [out, n*k])
+
+    def record(name):
+        def hook(_m, _inp, out):
+            n, c, h, w = out.shape
+            pick = torch.randint(h * w, (n, min(samples, h * w)), generator=gen)
+            y = torch.gather(out.flatten(2), 2, pick.unsqueeze(1).expand(-1, c, -1)).permute(1, 0, 2).flatten(1)
+            targets[name] = (pick, y)
+        return hook
+
+    for name in order:
+        if name in t_mods:
+            handles.append(t_mods[name].register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            teacher(images)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def student_input(module):
+        box = {}
+
+        def hook(_m, inp):
+            box["x"] = inp[0]
+            raise _Stop
+
+        h = module.register_forward_pre_hook(hook)
+        try:
+            with torch.no_grad():
+                student(images)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box["x"]
+
+    for name in tqdm(order, desc="reconstruct", disable=not progress, leave=False):
+        s_conv, t_conv = s_mods[name], t_mods.get(name)
+        if t_conv is None or name not in targets or s_conv.groups != 1 or t_conv.groups != 1:
+            continue
+        same = s_conv.out_channels == t_conv.out_channels
+        out_idx = kept.get(f"{name.rsplit('.', 1)[0]}.bn", list(range(t_conv.out_channels)) if same else None)
+        if out_idx is None:
+            continue
+        pick, y = targets[name]
+        y = y[out_idx].double()
+        if t_conv.bias is not None:
+            y = y - t_conv.bias[out_idx].double().unsqueeze(1)
+        cols = F.unfold(student_input(s_conv), s_conv.kernel_size, s_conv.dilation, s_conv.padding, s_conv.stride)
+        x = torch.gather(cols, 2, pick.unsqueeze(1).expand(-1, cols.shape[1], -1)).permute(1, 0, 2).flatten(1).double()
+        w0 = s_conv.weight.detach().flatten(1).double()
+        held = torch.rand(x.shape[1], generator=gen) < 0.2
+        xf, yf = x[:, ~held], y[:, ~held]
+        gram = xf @ xf.T
+        lam = ridge * gram.diagonal().mean() + 1e-12
+        w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), xf @ yf.T + lam * w0.T).T
+        if (w @ x[:, held] - y[:, held]).pow(2).sum() < (w0 @ x[:, held] - y[:, held]).pow(2).sum():
+            with torch.no_grad():
+                s_conv.weight.copy_(w.view_as(s_conv.weight).to(s_conv.weight.dtype))
+    return student

@@ -7,6 +7,7 @@ import pytest
 
 from compression.config import build_config, parse_sets
 from compression.errors import UserError
+from compression.quantize import int8_weight_count
 from conftest import write_yolov5_checkpoint
 
 TRIAL = Path(__file__).resolve().parents[1] / "trial.py"
@@ -41,11 +42,15 @@ def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
     assert set(report["baseline"]) == keys and set(report["result"]) == keys
     assert report["result"]["params"] < report["baseline"]["params"]
     assert [e["epoch"] for e in report["stages"]["distill"]["epochs"]] == [1]
+    assert [(e["stage"], e["epoch"]) for e in report["epochs"]] == [("distill", 1)]
+    final = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {"default", "mAP50_95", "mAP50", "latency_ms", "size_mb", "params", "macs", "speedup",
+            "compression"} <= set(final) and final == report["final"]
     assert report["stages"]["prune"]["seconds"] > 0 and (tmp_path / "model.onnx").is_file()
 
 
 def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_path, env):
-    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "kd_epochs=0", env=env)
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "kd_epochs=0", "quantize=false", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["result"]["mAP50_95"] == report["baseline"]["mAP50_95"]
@@ -67,3 +72,21 @@ def test_set_values_are_typed():
         build_config(parse_sets(["kd_epochs=1.5"]))
     with pytest.raises(UserError, match="key=value"):
         parse_sets(["sparsity"])
+
+
+def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_path, env):
+    common = ("sparsity=0.25", "kd_epochs=1", "batch=4", "device=cpu", "calib_images=8", "recon_images=4")
+    r = run_trial(tiny_pt, tiny_data, tmp_path / "ptq", *common, "quant_granularity=per_tensor", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ptq = json.loads((tmp_path / "ptq" / "report.json").read_text())
+    assert ptq["stages"]["quantize"]["method"] == "ptq" and ptq["stages"]["cache"]["student"] == "miss"
+    assert any("Sigmoid" in n or "Concat" in n for n in ptq["stages"]["quantize"]["fp32_nodes"])
+    r = run_trial(tiny_pt, tiny_data, tmp_path / "qat", *common, "qat_epochs=1", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    qat = json.loads((tmp_path / "qat" / "report.json").read_text())
+    assert qat["stages"]["cache"]["student"] == "hit"  # pruning and distillation were not redone
+    assert qat["stages"]["quantize"]["method"] == "qat" and qat["stages"]["quantize"]["learned_ranges"] > 0
+    assert [e["stage"] for e in qat["epochs"]] == ["distill", "qat"]
+    for out in ("ptq", "qat"):
+        assert int8_weight_count(tmp_path / out / "model.onnx") > 0
+        assert (tmp_path / out / "model.onnx").stat().st_size < 0.5 * (tmp_path / out / "fp32.onnx").stat().st_size

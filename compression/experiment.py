@@ -1,0 +1,144 @@
+"""Reading an NNI experiment's trials (running or stopped): from its REST API, or from its folder on disk.
+
+NNI 3.0 keeps every experiment under ``~/nni-experiments/<id>`` (``experimentWorkingDirectory``): a SQLite database
+of trial events and metrics, and one folder per trial (its ``NNI_OUTPUT_DIR``) where ``trial.py`` writes
+``model.onnx`` and, last, ``report.json``. A trial without ``report.json`` did not finish and is never picked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compression.errors import UserError
+
+DEFAULT_ROOT = "~/nni-experiments"
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class Trial:
+    id: str
+    status: str
+    folder: Path | None
+    metrics: dict = field(default_factory=dict)  # the final result reported to NNI
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return (self.status == "SUCCEEDED" and self.folder is not None and (self.folder / "report.json").is_file()
+                and (self.folder / "model.onnx").is_file())
+
+
+def _decode(data: str):
+    """NNI stores a metric as a JSON string of the JSON the trial reported (sometimes nested once more)."""
+    value = json.loads(data)
+    while isinstance(value, str):
+        value = json.loads(value)
+    return value
+
+
+def experiment_folder(exp_id: str, root: str | Path | None = None) -> Path:
+    if not _ID.match(exp_id or ""):
+        raise UserError(f"experiment id '{exp_id}' is not an NNI id (letters and digits, e.g. 'a1b2c3d4')")
+    base = Path(os.path.expanduser(str(root or DEFAULT_ROOT)))
+    folder = base / exp_id
+    if not (folder / "db" / "nni.sqlite").is_file():
+        known = sorted(p.name for p in base.iterdir() if not p.is_symlink() and (p / "db").is_dir()) \
+            if base.is_dir() else []
+        hint = f"; experiments there: {', '.join(known[-5:])}" if known else ""
+        raise UserError(f"experiment '{exp_id}' not found under {base}{hint}")
+    return folder
+
+
+def _trial_folder(folder: Path, trial_id: str) -> Path | None:
+    """NNI 3.0 local trials live in ``environments/<env>/trials/<id>``; older layouts in ``trials/<id>``."""
+    for candidate in [*sorted((folder / "environments").glob(f"*/trials/{trial_id}")), folder / "trials" / trial_id]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def trials_from_disk(exp_id: str, root: str | Path | None = None) -> list[Trial]:
+    folder = experiment_folder(exp_id, root)
+    con = sqlite3.connect(f"file:{folder / 'db' / 'nni.sqlite'}?mode=ro", uri=True, timeout=10)
+    try:
+        events = con.execute("select trialJobId, event, data from TrialJobEvent order by timestamp").fetchall()
+        finals = con.execute("select trialJobId, data from MetricData where type = 'FINAL'").fetchall()
+    finally:
+        con.close()
+    status, params = {}, {}
+    for trial_id, event, data in events:
+        status[trial_id] = event
+        if data and trial_id not in params:  # the first event with data carries the parameters
+            try:
+                params[trial_id] = _decode(data).get("parameters", {})
+            except (ValueError, AttributeError):
+                pass
+    trials = []
+    for trial_id, state in status.items():
+        metric = next((_decode(d) for t, d in finals if t == trial_id), {})
+        trials.append(Trial(trial_id, state, _trial_folder(folder, trial_id),
+                            metric if isinstance(metric, dict) else {"default": metric}, params.get(trial_id, {})))
+    return trials
+
+
+def trials_from_rest(port: int, exp_id: str | None = None) -> list[Trial]:
+    import urllib.error
+    import urllib.request
+
+    if not 1 <= port <= 65535:
+        raise UserError(f"port must be in 1..65535, got {port}")
+    base = f"http://localhost:{port}/api/v1/nni"
+    try:
+        with urllib.request.urlopen(f"{base}/experiment", timeout=10) as r:
+            profile = json.load(r)
+        with urllib.request.urlopen(f"{base}/trial-jobs", timeout=10) as r:
+            jobs = json.load(r)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise UserError(f"no NNI experiment answers on port {port} ({e})") from None
+    if exp_id and profile.get("id") != exp_id:
+        raise UserError(f"the experiment on port {port} is '{profile.get('id')}', not '{exp_id}'")
+    trials = []
+    for job in jobs:
+        finals = job.get("finalMetricData") or []
+        metric = _decode(finals[-1]["data"]) if finals else {}
+        log = job.get("logPath") or ""
+        folder = Path(log.split(":", 2)[-1] if log.startswith("file://") else log) if log else None
+        params = {}
+        try:
+            params = _decode(job.get("hyperParameters", ["{}"])[-1]).get("parameters", {})
+        except (ValueError, AttributeError, IndexError):
+            pass
+        trials.append(Trial(job["trialJobId"], job.get("status", "UNKNOWN"), folder,
+                            metric if isinstance(metric, dict) else {"default": metric}, params))
+    return trials
+
+
+def best_trial(trials: list[Trial], metric: str = "default") -> Trial:
+    complete = [t for t in trials if t.complete and isinstance(t.metrics.get(metric), (int, float))]
+    if not complete:
+        states = ", ".join(f"{t.id} {t.status}" for t in trials) or "none"
+        raise UserError(f"no complete trial reports '{metric}' (trials: {states})")
+    lower_is_better = metric in ("latency_ms", "size_mb", "params", "macs")
+    return (min if lower_is_better else max)(complete, key=lambda t: t.metrics[metric])
+
+
+def export_best(trial: Trial, out: str | Path) -> dict:
+    """Copy the trial's ``model.onnx`` to ``out`` and its ``report.json`` beside it, each atomically."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise UserError(f"--out must name an .onnx file, got '{out}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report_out = out.with_name(f"{out.stem}.report.json")
+    for src, dst in ((trial.folder / "model.onnx", out), (trial.folder / "report.json", report_out)):
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    return {"trial": trial.id, "onnx": str(out), "report": str(report_out), "parameters": trial.parameters,
+            **trial.metrics}

@@ -1,0 +1,233 @@
+"""INT8 post-training quantization of an exported FP32 ONNX detector, through ``onnxruntime.quantization``.
+
+The model is quantized in QDQ format (uint8 activations, int8 weights: the fast path of ONNX Runtime's x86 kernels)
+with the calibration ranges of real train images. What stays FP32 is found from the graph, not from node names:
+every node with no convolution downstream of it, i.e. the head's decode (sigmoid, grid/anchor arithmetic and the
+concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold). When the INT8 model loses more than
+``max_int8_drop`` mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time) are
+kept in FP32 as well and the model is quantized again, a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+GRANULARITY = ("per_tensor", "per_channel")
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+@dataclass
+class QuantConfig:
+    granularity: str = "per_channel"  # weights: one scale per output channel | one per tensor
+    calib_method: str = "percentile"  # activation ranges: percentile (99.999) | minmax | entropy
+    calib_images: int = 128  # train images for calibration
+    max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input before the fallback
+    fallback_rounds: int = 3  # at most this many re-quantizations with more layers kept in FP32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.granularity not in GRANULARITY:
+            raise ValueError(f"quant_granularity must be one of {GRANULARITY}, got {self.granularity!r}")
+        if self.calib_method not in CALIB_METHODS:
+            raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
+        if not 1 <= self.calib_images <= 100000:
+            raise ValueError(f"calib_images must be in 1..100000, got {self.calib_images}")
+        if not 0 <= self.max_int8_drop <= 1:
+            raise ValueError(f"max_int8_drop must be in 0..1, got {self.max_int8_drop}")
+        if not 0 <= self.fallback_rounds <= 10:
+            raise ValueError(f"fallback_rounds must be in 0..10, got {self.fallback_rounds}")
+
+
+@dataclass
+class QuantResult:
+    method: str  # "ptq" | "qat"
+    granularity: str
+    calib_method: str
+    fp32_nodes: list[str] = field(default_factory=list)  # nodes left in FP32 (decode + fallback)
+    fallback_nodes: list[str] = field(default_factory=list)  # convolutions the sensitivity fallback kept in FP32
+    rounds: list[dict] = field(default_factory=list)  # per quantization: fallback layers, mAP50_95
+    fp32_mAP50_95: float | None = None
+    learned_ranges: int = 0  # tensors whose calibrated range QAT's learned range replaced
+    seconds: float = 0.0
+
+
+def decode_nodes(model) -> list[str]:
+    """Names of the nodes with no Conv/MatMul/Gemm downstream: the decode after the head's last convolutions.
+
+    Works on any family (anchor-based or anchor-free head) and on pruned graphs, since it only reads the graph.
+    """
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    feeds_compute: dict[str, bool] = {}
+
+    def reaches(node) -> bool:  # does any path from this node's outputs reach a compute op?
+        key = node.name
+        if key not in feeds_compute:
+            feeds_compute[key] = False  # graphs are acyclic; this only guards recursion on revisits
+            feeds_compute[key] = any(c.op_type in COMPUTE_OPS or reaches(c)
+                                     for out in node.output for c in consumers.get(out, []))
+        return feeds_compute[key]
+
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(model.graph.node) + 100))
+    try:
+        return [n.name for n in model.graph.node if n.op_type not in COMPUTE_OPS and not reaches(n)]
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def conv_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in COMPUTE_OPS]
+
+
+class ImageReader:
+    """``onnxruntime.quantization.CalibrationDataReader`` over letterboxed images, a few per batch."""
+
+    def __init__(self, images: np.ndarray, input_name: str, batch: int = 8):
+        self.images, self.input_name, self.batch, self.pos = images, input_name, batch, 0
+
+    def get_next(self):
+        if self.pos >= len(self.images):
+            return None
+        chunk = self.images[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return {self.input_name: chunk}
+
+    def rewind(self):
+        self.pos = 0
+
+
+def _named_nodes(model) -> None:
+    """Give every node a unique name (ORT's node lists refer to names)."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclude: list[str],
+              only: list[str] | None = None) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[cfg.calib_method]
+    if reader is not None:
+        reader.rewind()
+    quantize_static(
+        str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.granularity == "per_channel",
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+        nodes_to_quantize=only, calibrate_method=method, calibration_cache_path=str(cache),
+        extra_options={"CalibMovingAverage": False, "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False},
+    )
+
+
+def output_error(reference: Path | str, candidate: Path | str, images: np.ndarray, imgsz: int) -> float:
+    """Relative squared error of ``candidate``'s decoded output against ``reference``'s (boxes scaled by 1/imgsz)."""
+    from compression.runtime import onnx_session
+
+    outs = []
+    for path in (reference, candidate):
+        sess = onnx_session(path)
+        outs.append(np.concatenate([sess.run(None, {sess.get_inputs()[0].name: images[i:i + 4]})[0]
+                                    for i in range(0, len(images), 4)]))
+    ref, cand = outs
+    scale = np.ones((1, ref.shape[1], 1), np.float32)
+    scale[:, :4] = 1 / imgsz
+    return float(((ref - cand) * scale).__pow__(2).mean() / ((ref * scale) ** 2).mean())
+
+
+def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantConfig,
+        evaluate_fn: Callable[[Path], float], fp32_map: float | None = None,
+        progress: bool = True, ranges: dict[str, tuple[float, float]] | None = None) -> QuantResult:
+    """Quantize ``fp32_onnx`` to INT8 QDQ at ``out`` (atomically), with the sensitivity fallback.
+
+    Args:
+        fp32_onnx: an FP32 model from :func:`compression.export.export_onnx`.
+        images: calibration images, ``[n, 3, s, s]`` float32 in [0, 1] (the model's input).
+        evaluate_fn: ONNX path -> mAP50-95 on the validation split (for the drop check).
+        fp32_map: mAP50-95 of ``fp32_onnx`` if already known.
+        ranges: tensor name -> (lo, hi) written over the calibrated ranges (the ranges QAT learned).
+
+    Example:
+        >>> res = ptq("fp32.onnx", "int8.onnx", train_images(data, 128, 640).numpy(), QuantConfig(), eval_fn)
+    """
+    import onnx
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    result = QuantResult("ptq", cfg.granularity, cfg.calib_method)
+    model = onnx.load(str(fp32_onnx))
+    _named_nodes(model)
+    imgsz = int(images.shape[-1])
+    decode = decode_nodes(model)
+    convs = conv_nodes(model)
+    with tempfile.TemporaryDirectory(prefix="yc-quant-") as tmp:
+        tmp = Path(tmp)
+        src, cache = tmp / "fp32.onnx", tmp / "calibration.json"
+        onnx.save(model, str(src))
+        reader = ImageReader(images.astype(np.float32), model.graph.input[0].name)
+        if fp32_map is None:
+            fp32_map = evaluate_fn(src)
+        if ranges:  # calibrate once for every tensor, then put the learned ranges over the calibrated ones
+            from compression.qat import override_calibration
+
+            _quantize(src, tmp / "calibrated.onnx", cache, reader, cfg, decode)
+            result.learned_ranges = override_calibration(cache, ranges)
+        result.fp32_mAP50_95 = fp32_map
+        sensitivity = None
+        best = None  # (mAP, path, fallback)
+        fallback: list[str] = []
+        for round_ in range(cfg.fallback_rounds + 1):
+            cand = tmp / f"int8_{round_}.onnx"
+            _quantize(src, cand, cache, reader if round_ == 0 else None, cfg, decode + fallback)
+            score = evaluate_fn(cand)
+            result.rounds.append({"fallback": list(fallback), "mAP50_95": score})
+            if best is None or score > best[0]:
+                best = (score, cand, list(fallback))
+            if fp32_map - score <= cfg.max_int8_drop or round_ == cfg.fallback_rounds:
+                break
+            if sensitivity is None:  # one conv quantized at a time, on a few calibration images
+                probe = images[:8].astype(np.float32)
+                sensitivity = {}
+                for name in tqdm(convs, desc="sensitivity", disable=not progress, leave=False):
+                    single = tmp / "single.onnx"
+                    _quantize(src, single, cache, None, cfg, decode, only=[name])
+                    sensitivity[name] = output_error(src, single, probe, imgsz)
+            ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
+            fallback = ranked[:3 * 2 ** round_]
+        score, path, fallback = best
+        result.fallback_nodes = fallback
+        result.fp32_nodes = decode + fallback
+        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        quantized = onnx.load(str(path))
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(model.metadata_props)  # names, stride, imgsz for the predictor
+        onnx.save(quantized, str(tmp_out))
+        tmp_out.replace(out)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def int8_weight_count(path: str | Path) -> int:
+    """How many INT8/UINT8 weight initializers the file holds (0 means nothing was really quantized)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return sum(1 for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+               and int(np.prod(t.dims)) > 1)
+

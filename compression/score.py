@@ -1,0 +1,59 @@
+"""The tuner's objective: one number that rises with accuracy, speed and compression, with an accuracy constraint.
+
+    score = (mAP / mAP_fp32) ** w_map * speedup ** w_latency * compression ** w_size * penalty ** excess
+    speedup = latency_fp32 / latency,  compression = size_fp32 / size  (FP32 timed in the same run)
+    excess = max(0, (mAP_fp32 - mAP) - max_map_drop) * 100           (mAP50-95 points beyond the allowed drop)
+
+With the defaults the untouched FP32 model scores 1.0; a model 1.3x faster at the same accuracy scores 1.3, and
+each mAP50-95 point lost beyond ``max_map_drop`` halves the score, so the tuner steers away from broken trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from compression.errors import UserError
+
+
+@dataclass
+class ScoreConfig:
+    w_map: float = 4.0  # exponent on relative mAP50-95, >= 0
+    w_latency: float = 1.0  # exponent on the speedup, >= 0
+    w_size: float = 0.25  # exponent on the file-size compression, >= 0
+    max_map_drop: float = 0.02  # mAP50-95 (absolute) the model may lose against FP32 before the penalty, 0..1
+    penalty: float = 0.5  # score factor per mAP50-95 point beyond max_map_drop, 0..1
+
+    def __post_init__(self):
+        for name in ("w_map", "w_latency", "w_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.max_map_drop <= 1:
+            raise ValueError(f"max_map_drop must be in 0..1, got {self.max_map_drop}")
+        if not 0 <= self.penalty <= 1:
+            raise ValueError(f"penalty must be in 0..1, got {self.penalty}")
+
+
+def build_score_config(overrides: dict) -> ScoreConfig:
+    names = {f.name for f in dataclasses.fields(ScoreConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise UserError(f"unknown score key '{unknown[0]}'; valid keys: {', '.join(sorted(names))}")
+    try:
+        return ScoreConfig(**{k: float(v) for k, v in overrides.items()})
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+def score(report: dict, cfg: ScoreConfig) -> dict:
+    """The final NNI metric of a chain report: ``{"default": score, "mAP50_95", "mAP50", "latency_ms", ...}``."""
+    base, res = report["baseline"], report["result"]
+    speedup = base["latency_ms"] / res["latency_ms"]
+    compression = base["size_mb"] / res["size_mb"]
+    rel_map = res["mAP50_95"] / base["mAP50_95"] if base["mAP50_95"] > 0 else 0.0
+    excess = max(0.0, (base["mAP50_95"] - res["mAP50_95"]) - cfg.max_map_drop) * 100
+    value = rel_map ** cfg.w_map * speedup ** cfg.w_latency * compression ** cfg.w_size * cfg.penalty ** excess
+    return {"default": value, "mAP50_95": res["mAP50_95"], "mAP50": res["mAP50"], "latency_ms": res["latency_ms"],
+            "size_mb": res["size_mb"], "params": res["params"], "macs": res["macs"], "speedup": speedup,
+            "compression": compression, "baseline_mAP50_95": base["mAP50_95"],
+            "baseline_latency_ms": base["latency_ms"]}

@@ -1,0 +1,106 @@
+"""A real NNI experiment (nnictl create, TPE, local training service) of two tiny trials, then `best`."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compression.experiment import best_trial, trials_from_disk
+from compression.runtime import onnx_session
+from conftest import write_yolov5_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+NNICTL = Path(sys.executable).parent / "nnictl"
+FINAL_KEYS = {"default", "mAP50_95", "mAP50", "latency_ms", "size_mb", "params", "macs", "speedup", "compression"}
+
+pytestmark = pytest.mark.skipif(not NNICTL.is_file(), reason="nnictl is not installed beside this python")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_yolov5, tiny_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nni")
+    weights = write_yolov5_checkpoint(tiny_yolov5, tmp / "tiny.pt")
+    budget = "--set kd_epochs=1 --set batch=4 --set calib_images=8 --set recon_images=4 --set device=cpu"
+    config = {
+        "experimentName": "smoke", "trialCodeDirectory": str(ROOT), "experimentWorkingDirectory": str(tmp / "exp"),
+        "searchSpace": {"sparsity": {"_type": "choice", "_value": [0.0, 0.25]},
+                        "quant_granularity": {"_type": "choice", "_value": ["per_tensor", "per_channel"]}},
+        "trialCommand": f"python trial.py --nni --weights {weights} --data {tiny_data} --imgsz 64 {budget}",
+        "trialConcurrency": 1, "maxTrialNumber": 2, "maxExperimentDuration": "5m",
+        "tuner": {"name": "TPE", "classArgs": {"optimize_mode": "maximize"}},
+        "trainingService": {"platform": "local"},
+    }
+    (tmp / "smoke.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    env = {**os.environ, "PATH": f"{NNICTL.parent}{os.pathsep}{os.environ['PATH']}",
+           "YOLO_COMPRESS_CACHE": str(tmp / "cache")}
+    r = subprocess.run([str(NNICTL), "create", "--config", str(tmp / "smoke.yml"), "--port", str(port)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    found = re.search(r"nnictl stop (\w+)", r.stdout + r.stderr)
+    assert r.returncode == 0 and found, r.stdout + r.stderr
+    exp_id = found.group(1)
+    try:
+        deadline, jobs = time.time() + 280, []
+        while time.time() < deadline:
+            jobs = get(port, "trial-jobs")
+            if len(jobs) == 2 and all(j["status"] not in ("WAITING", "RUNNING") for j in jobs):
+                break
+            time.sleep(3)
+        yield {"id": exp_id, "port": port, "jobs": jobs, "root": tmp / "exp", "env": env, "tmp": tmp}
+    finally:
+        subprocess.run([str(NNICTL), "stop", exp_id], capture_output=True, timeout=60, env=env)
+    with socket.socket() as s:  # the port is free again: nothing of NNI is left listening
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_both_trials_succeed_with_every_final_metric_key(experiment):
+    jobs = experiment["jobs"]
+    assert [j["status"] for j in jobs] == ["SUCCEEDED", "SUCCEEDED"], jobs
+    for job in jobs:
+        final = json.loads(json.loads(job["finalMetricData"][-1]["data"]))
+        assert FINAL_KEYS <= set(final), final
+        assert final["latency_ms"] > 0 and final["size_mb"] > 0
+
+
+def test_best_exports_a_model_that_onnx_runtime_loads(experiment):
+    out = experiment["tmp"] / "best.onnx"
+    r = subprocess.run([sys.executable, "-m", "compression", "best", "--experiment", experiment["id"], "--root",
+                        str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env=experiment["env"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    picked = json.loads(r.stdout.strip().splitlines()[-1])
+    trials = trials_from_disk(experiment["id"], experiment["root"])
+    assert picked["trial"] == best_trial(trials).id
+    assert picked["default"] == max(t.metrics["default"] for t in trials)
+    assert onnx_session(out).get_inputs()[0].shape[1] == 3
+    assert json.loads(out.with_name("best.report.json").read_text())["result"]["size_mb"] > 0
+
+
+def test_best_skips_a_trial_without_report(experiment):
+    trials = trials_from_disk(experiment["id"], experiment["root"])
+    top = best_trial(trials)
+    (top.folder / "report.json").rename(top.folder / "report.json.bak")  # as a trial killed before its report
+    try:
+        again = best_trial(trials_from_disk(experiment["id"], experiment["root"]))
+        assert again.id != top.id
+    finally:
+        (top.folder / "report.json.bak").rename(top.folder / "report.json")

@@ -1,0 +1,100 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compression.export import export_onnx
+from compression.qat import learned_ranges, prepare_qat, set_fake_quant
+from compression.quantize import QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq
+from compression.runtime import onnx_session
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def calib():
+    torch.manual_seed(1)
+    return torch.rand(8, 3, IMGSZ, IMGSZ)
+
+
+@pytest.fixture(scope="module", params=["tiny_yolov5", "tiny_ultralytics"])
+def fp32(request, tmp_path_factory):
+    model = request.getfixturevalue(request.param)
+    path = tmp_path_factory.mktemp("fp32") / "model.onnx"
+    export_onnx(model, IMGSZ, path)
+    return model, path
+
+
+def run(path, x):
+    sess = onnx_session(path)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_decode_is_what_follows_the_last_convolutions(fp32):
+    model = onnx.load(str(fp32[1]))
+    decode = set(decode_nodes(model))
+    producer = next(n for n in model.graph.node if "output0" in n.output)
+    assert producer.name in decode  # the final concat of boxes and scores
+    assert not decode & set(conv_nodes(model))
+    assert any(n.op_type == "Sigmoid" and n.name in decode for n in model.graph.node)
+    # every conv still has a conv or the decode after it; nothing of the backbone is in the decode
+    assert all(not n.name.startswith("/model.0/") for n in model.graph.node if n.name in decode)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, granularity, method):
+    out = tmp_path / "int8.onnx"
+    cfg = QuantConfig(granularity=granularity, calib_method=method, fallback_rounds=0)
+    res = ptq(fp32[1], out, calib.numpy(), cfg, evaluate_fn=lambda p: 0.5, fp32_map=0.5, progress=False)
+    q = onnx.load(str(out))
+    assert int8_weight_count(out) >= len(conv_nodes(q)) // 2
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    producers = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:  # no decode node reads a dequantized tensor: the decode runs on FP32 conv outputs
+        if n.name in res.fp32_nodes and n.op_type in ("Sigmoid", "Concat", "Mul"):
+            assert all(producers[i].op_type != "DequantizeLinear" for i in n.input if i in producers
+                       and producers[i].op_type != "Constant"), n.name
+    y, ref = run(out, calib.numpy()[:2]), run(fp32[1], calib.numpy()[:2])
+    assert y.shape == ref.shape and np.isfinite(y).all()
+    assert {m.key for m in q.metadata_props} >= {"names", "stride", "imgsz"}
+
+
+def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path):
+    scores = iter([0.1, 0.2, 0.45])  # INT8 far below FP32 (0.5): two fallback rounds, the last one passes
+    cfg = QuantConfig(fallback_rounds=3, max_int8_drop=0.1)
+    res = ptq(fp32[1], tmp_path / "int8.onnx", calib.numpy(), cfg, evaluate_fn=lambda p: next(scores), fp32_map=0.5,
+              progress=False)
+    assert [len(r["fallback"]) for r in res.rounds] == [0, 3, 6]
+    assert res.fallback_nodes == res.rounds[-1]["fallback"]
+    assert set(res.fallback_nodes) <= set(conv_nodes(onnx.load(str(fp32[1]))))
+
+
+def test_qat_export_runs_in_int8_and_matches_the_fake_quant_model(fp32, calib, tmp_path):
+    model, _ = fp32
+    qmodel = prepare_qat(model, per_channel=True, calib=calib)
+    x = calib[:2]
+    with torch.no_grad():
+        fq = qmodel(x)
+    set_fake_quant(qmodel, False)
+    path = tmp_path / "qat_fp32.onnx"
+    export_onnx(qmodel, IMGSZ, path)
+    ranges = learned_ranges(qmodel, onnx.load(str(path)))
+    assert len(ranges) >= len([n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"])
+    res = ptq(path, tmp_path / "qat.onnx", calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.5,
+              fp32_map=0.5, progress=False, ranges=ranges)
+    assert res.learned_ranges >= len(ranges) // 2 and int8_weight_count(tmp_path / "qat.onnx") > 0
+    got = torch.from_numpy(run(tmp_path / "qat.onnx", x.numpy()))
+    scores = slice(4, None)  # compare scores (0..1); boxes are pixels
+    err = (got[:, scores] - fq[:, scores]).abs().mean() / fq[:, scores].abs().mean().clamp(min=1e-6)
+    assert err < 0.25, float(err)
+
+
+def test_bad_quant_values_are_refused():
+    with pytest.raises(ValueError, match="quant_granularity"):
+        QuantConfig(granularity="per_layer")
+    with pytest.raises(ValueError, match="calib_method"):
+        QuantConfig(calib_method="mse")
+    with pytest.raises(ValueError, match="calib_images"):
+        QuantConfig(calib_images=0)
