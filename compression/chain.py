@@ -7,6 +7,7 @@ parameters that shaped it, so trials that differ only in quantization settings s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import torch
 from compression.config import TrialConfig
 from compression.runtime import cache_dir
 
+STUDENT_VERSION = 2  # bump when pruning or distillation changes what a cached student holds
 # TrialConfig fields that shape the FP32 student (everything before quantization).
 STUDENT_KEYS = ("sparsity", "prune_importance", "recon_images", "kd_epochs", "kd_temperature", "kd_alpha",
                 "kd_feature", "kd_images", "lr", "optimizer", "freeze_bn", "batch", "mosaic", "seed")
@@ -33,7 +35,8 @@ def _file_key(path: str | Path) -> list:
 
 
 def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
-    key = [_file_key(weights), data["yaml_file"], imgsz, {k: getattr(cfg, k) for k in STUDENT_KEYS}]
+    shaping = {k: getattr(cfg, k) for k in STUDENT_KEYS} if cfg.sparsity else {"sparsity": 0}  # nothing trained
+    key = [STUDENT_VERSION, _file_key(weights), data["yaml_file"], imgsz, shaping]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -111,15 +114,18 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
         if recon:
             reconstruct_(student, teacher, train_images(data, recon, imgsz, cfg.seed), progress=progress)
         stages["prune"] = {**asdict(pruned), "reconstructed_on": recon, "seconds": time.perf_counter() - t0}
-        student, distilled = distill(student, teacher, data, cfg.distill_config(), imgsz,
-                                     on_epoch=epoch_hook("distill"), progress=progress)
-        stages["distill"] = asdict(distilled)
+        # Recovery training only makes sense after pruning: on the untouched model it can only drift from the
+        # teacher (measured: 0.330 -> 0.258 mAP50-95 after one epoch on COCO128's 128 train images).
+        dcfg = cfg.distill_config() if cfg.sparsity else dataclasses.replace(cfg.distill_config(), kd_epochs=0)
+        student, distilled = distill(student, teacher, data, dcfg, imgsz, on_epoch=epoch_hook("distill"),
+                                     progress=progress)
+        stages["distill"] = {**asdict(distilled), "skipped": "nothing pruned" if not cfg.sparsity else None}
         _save_student(entry, student, {k: stages[k] for k in ("prune", "distill")})
         stages["cache"] = {"student": "miss", "key": key}
 
     t0 = time.perf_counter()
     fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
-    untouched = cfg.sparsity == 0 and cfg.kd_epochs == 0
+    untouched = cfg.sparsity == 0  # neither pruned nor trained: the FP32 export is the baseline's
     fp32_map = base.mAP50_95 if untouched else evaluate(fp32_path, data, imgsz, progress=progress).mAP50_95
     stages["export"] = {"fp32_mAP50_95": fp32_map, "seconds": time.perf_counter() - t0}
 

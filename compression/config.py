@@ -36,7 +36,7 @@ class TrialConfig:
     calib_method: str = "percentile"  # percentile | minmax | entropy
     calib_images: int = 128  # train images for calibration
     qat_epochs: int = 0  # 0 = post-training quantization
-    qat_lr: float = 0.0002  # peak learning rate of QAT (AdamW)
+    qat_lr: float = 0.001  # peak learning rate of QAT (SGD: AdamW moves every weight by ~lr per step, too far here)
     max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose before the sensitivity fallback
 
     def __post_init__(self):
@@ -55,8 +55,9 @@ class TrialConfig:
                            calib_images=self.calib_images, max_int8_drop=self.max_int8_drop, seed=self.seed)
 
     def qat_distill_config(self) -> DistillConfig:
-        return DistillConfig(kd_epochs=self.qat_epochs, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
-                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="adamw",
+        # QAT learns to match the FP32 teacher, not the labels: pure distillation keeps it where the teacher is
+        return DistillConfig(kd_epochs=self.qat_epochs, kd_temperature=self.kd_temperature, kd_alpha=1.0,
+                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="sgd",
                              batch=self.batch, mosaic=self.mosaic, device=self.device, seed=self.seed,
                              warmup_epochs=0)
 
@@ -65,7 +66,8 @@ class TrialConfig:
 
     def distill_config(self) -> DistillConfig:
         return DistillConfig(kd_epochs=self.kd_epochs, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
-                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.lr, optimizer=self.optimizer, freeze_bn=self.freeze_bn, batch=self.batch, mosaic=self.mosaic,
+                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.lr, optimizer=self.optimizer,
+                             freeze_bn=self.freeze_bn, batch=self.batch, mosaic=self.mosaic,
                              device=self.device, seed=self.seed)
 
 

@@ -77,6 +77,7 @@ class DistillConfig:
 class DistillResult:
     epochs: list[dict] = field(default_factory=list)  # per epoch: epoch, loss, mAP50, mAP50_95, seconds
     best_epoch: int = 0  # 0 = the untrained input stayed best
+    start_mAP50_95: float | None = None  # val mAP of the input, before training
     seconds: float = 0.0
 
 
@@ -238,7 +239,10 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             task, _ = criterion(raw, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             return (1 - cfg.kd_alpha) * task + cfg.kd_alpha * kd
 
-    best_map, best_state, step = -1.0, None, 0
+    # The input is a candidate too: a short run on few images can end below where it started.
+    start = evaluate(student, data, imgsz, batch=cfg.batch, device=str(device), progress=False)
+    result.start_mAP50_95 = start.mAP50_95
+    best_map, best_state, step = start.mAP50_95, copy.deepcopy(student.state_dict()), 0
     for epoch in range(1, cfg.kd_epochs + 1):
         student.train()
         if cfg.freeze_bn:  # keep BN running statistics (the teacher's, for the kept channels); affine still trains

@@ -16,6 +16,9 @@ from compression.errors import UserError
 from compression.runtime import onnx_session
 
 
+EXPORT_VERSION = 2  # bump when the exported graph changes (cached baselines are keyed by it); 2: channel-first decode
+
+
 @dataclass
 class ExportResult:
     onnx_path: str

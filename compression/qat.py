@@ -51,7 +51,7 @@ class ActQuant(nn.Module):
             self.zero_point.fill_(float(min(QMAX, max(0, round(-lo / scale)))))
 
     def range(self) -> tuple[float, float]:
-        s, z = float(self.scale.abs()), float(self.zero_point)
+        s, z = float(self.scale.detach().abs()), float(self.zero_point.detach())
         return (0 - z) * s, (QMAX - z) * s
 
     def forward(self, x):

@@ -4,7 +4,7 @@ from torch import nn
 
 from compression.export import export_onnx
 from compression.models import head_output_convs
-from compression.prune import PruneConfig, prune
+from compression.prune import PruneConfig, prune, reconstruct_
 
 
 def conv_widths(model):
@@ -46,3 +46,37 @@ def test_zero_sparsity_is_an_exact_copy(tiny_yolov5):
 def test_out_of_range_values_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PruneConfig(**kwargs)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
+def test_kept_channels_name_the_teachers_channels(fixture, request):
+    model = request.getfixturevalue(fixture)
+    small, _ = prune(model, PruneConfig(sparsity=0.25), imgsz=64)
+    bns = dict(small.named_modules())
+    assert small.kept_channels
+    for name, kept in small.kept_channels.items():
+        assert len(kept) == bns[name].num_features and kept == sorted(set(kept))
+        teacher_bn = dict(model.named_modules())[name]
+        assert torch.equal(bns[name].running_mean, teacher_bn.running_mean[kept])  # the same channels, in order
+
+
+def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yolov5):
+    from compression.distill import FeatureTaps
+
+    torch.manual_seed(0)
+    teacher = tiny_yolov5.eval()
+    fit, held_out = torch.rand(16, 3, 64, 64), torch.rand(4, 3, 64, 64)
+    small, _ = prune(teacher, PruneConfig(sparsity=0.25), imgsz=64)
+
+    def feature_error(student):
+        taps = FeatureTaps(student, teacher)
+        with torch.no_grad():
+            student.eval()(held_out)
+            teacher(held_out)
+        err = float(taps.loss())
+        taps.remove()
+        return err
+
+    before = feature_error(small)
+    reconstruct_(small, teacher, fit, progress=False)
+    assert feature_error(small) < 0.8 * before
