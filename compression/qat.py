@@ -2,7 +2,7 @@
 
 BN is folded into the convolutions first (so the trained weights are the exported ones). Each convolution then sees
 its input and its output through uint8 fake-quantization with learnable scale and zero point (LSQ, initialised from
-calibration min/max) and its weight through symmetric int8 fake-quantization, per channel or per tensor, with the
+the 0.01%/99.99% quantiles of calibration activations) and its weight through symmetric int8 fake-quantization, per channel or per tensor, with the
 scale ONNX Runtime will use (``max|w| / 127``). After training, the FP32 graph of the trained weights is exported and
 quantized by ONNX Runtime in QDQ format, with the learned ranges written over the calibrated ones for every tensor
 they cover; the decode stays FP32 exactly as in post-training quantization.
@@ -33,7 +33,7 @@ def fuse_bn(model: nn.Module) -> nn.Module:
 
 
 class ActQuant(nn.Module):
-    """uint8 fake-quantization with learnable scale and zero point (LSQ); ``observe`` mode records min/max."""
+    """uint8 fake-quantization with learnable scale and zero point (LSQ); ``observe`` mode records the range."""
 
     def __init__(self):
         super().__init__()
@@ -55,9 +55,13 @@ class ActQuant(nn.Module):
         return (0 - z) * s, (QMAX - z) * s
 
     def forward(self, x):
-        if self.observe:
-            self.lo = torch.minimum(self.lo, x.detach().min())
-            self.hi = torch.maximum(self.hi, x.detach().max())
+        if self.observe:  # 0.01% / 99.99% quantiles, not min/max: rare outliers would waste the 256 levels
+            flat = x.detach().flatten()
+            if flat.numel() > 1_000_000:
+                flat = flat[torch.randint(flat.numel(), (1_000_000,), device=flat.device)]
+            lo, hi = torch.quantile(flat.float(), torch.tensor([1e-4, 1 - 1e-4], device=flat.device))
+            self.lo = torch.minimum(self.lo, lo)
+            self.hi = torch.maximum(self.hi, hi)
             return x
         if not self.enabled:
             return x
