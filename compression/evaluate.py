@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +61,12 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
 
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
     loader = build_loader(dataset, batch)
+    # An explicit save_dir: left to itself the validator makes runs/detect/train-N in the current folder each time.
+    scratch = tempfile.TemporaryDirectory(prefix="yc-val-")
     validator = DetectionValidator(
-        dataloader=loader, args=dict(conf=conf, iou=iou, max_det=max_det, plots=False, save_json=False,
-                                     verbose=False, data=data["yaml_file"]))
+        dataloader=loader, save_dir=Path(scratch.name),
+        args=dict(conf=conf, iou=iou, max_det=max_det, plots=False, save_json=False, verbose=False,
+                  data=data["yaml_file"]))
     validator.device, validator.data, validator.training = torch.device("cpu"), data, False
     validator.init_metrics(predictor)
     for batch_ in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
@@ -69,6 +74,7 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
         preds = validator.postprocess(predictor(batch_["img"]).cpu())
         validator.update_metrics(preds, batch_)
     stats = validator.get_stats()
+    scratch.cleanup()
     return EvalResult(
         mAP50=float(stats["metrics/mAP50(B)"]), mAP50_95=float(stats["metrics/mAP50-95(B)"]), images=len(dataset)
     )
