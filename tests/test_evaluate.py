@@ -75,3 +75,9 @@ def test_yolov5n_coco128_map_torch_and_onnx(tmp_path):
     onnx_map = evaluate(export_onnx(model, 640, tmp_path / "m.onnx").onnx_path, COCO128, 640, progress=False).mAP50_95
     assert torch_map >= 0.320 and onnx_map >= 0.320
     assert abs(torch_map - onnx_map) <= 0.003
+
+
+def test_evaluate_leaves_nothing_in_the_current_folder(tiny_yolov5, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evaluate(tiny_yolov5, tiny_data, 64, progress=False)
+    assert list(tmp_path.iterdir()) == []  # ultralytics' validator would make runs/detect/train-N here
