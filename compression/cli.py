@@ -59,6 +59,12 @@ def _best(args) -> dict:
     return export_best(best_trial(trials, args.metric), args.out)
 
 
+def _infer(args) -> dict:
+    from compression.infer import infer
+
+    return infer(args.model, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m compression", description=__doc__)
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
@@ -95,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
     p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
     p.set_defaults(func=_best)
+
+    p = sub.add_parser("infer", help="draw detections on an image or a folder of images; JSON of detections")
+    p.add_argument("--model", required=True, help=".pt, .yaml or .onnx")
+    p.add_argument("--source", required=True, help="image file or folder")
+    p.add_argument("--out", required=True, help="output folder (images with boxes, detections.json)")
+    p.add_argument("--imgsz", type=int, default=None, help="default: the ONNX file's size, else 640")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.45)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_infer)
     return parser
 
 
