@@ -59,6 +59,14 @@ def _best(args) -> dict:
     return export_best(best_trial(trials, args.metric), args.out)
 
 
+def _report(args) -> dict:
+    from compression.experiment import trials_from_disk, trials_from_rest
+    from compression.report import write_report
+
+    trials = trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
+    return write_report(trials, args.out, f"yolo-compress experiment {args.experiment}")
+
+
 def _infer(args) -> dict:
     from compression.infer import infer
 
@@ -111,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.45)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_infer)
+
+    p = sub.add_parser("report", help="HTML page and PNG plot of an experiment's trials with the Pareto front")
+    p.add_argument("--experiment", required=True, help="NNI experiment id")
+    p.add_argument("--out", required=True, help="output folder (report.html, pareto.png)")
+    p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
+    p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
+    p.set_defaults(func=_report)
     return parser
 
 

@@ -104,3 +104,23 @@ def test_best_skips_a_trial_without_report(experiment):
         assert again.id != top.id
     finally:
         (top.folder / "report.json.bak").rename(top.folder / "report.json")
+
+
+def test_report_writes_html_and_png_with_the_pareto_front(experiment):
+    out = experiment["tmp"] / "report"
+    r = subprocess.run([sys.executable, "-m", "compression", "report", "--experiment", experiment["id"], "--root",
+                        str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=120,
+                       env=experiment["env"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    page = (out / "report.html").read_text()
+    assert res["trials"] == 2 and 1 <= len(res["pareto"]) <= 2
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "data:image/png;base64," in page
+    assert all(t in page for t in res["pareto"])
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    from compression.report import pareto_front
+
+    points = [(10, 0.30), (8, 0.31), (12, 0.33), (9, 0.29), (8, 0.20)]  # (latency, mAP)
+    assert pareto_front(points) == [1, 2]

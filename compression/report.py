@@ -1,0 +1,112 @@
+"""The trade-off of an experiment at a glance: mAP50-95 against latency for every complete trial, the Pareto front.
+
+Writes ``OUT/pareto.png`` (matplotlib) and ``OUT/report.html``, a self-contained page with the plot inlined and a
+table of every complete trial, its parameters and figures, Pareto-optimal trials first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+from compression.errors import UserError
+from compression.experiment import Trial
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both: lower latency (x) and higher mAP (y)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _rows(trials: list[Trial]) -> list[dict]:
+    rows = []
+    for t in trials:
+        if not t.complete:
+            continue
+        rep = json.loads((t.folder / "report.json").read_text())
+        rows.append({"trial": t.id, "params": t.parameters or {}, "mAP50_95": rep["result"]["mAP50_95"],
+                     "latency_ms": rep["result"]["latency_ms"], "size_mb": rep["result"]["size_mb"],
+                     "score": t.metrics.get("default"), "baseline": rep["baseline"],
+                     "speedup": rep["baseline"]["latency_ms"] / rep["result"]["latency_ms"]})
+    return rows
+
+
+def plot(rows: list[dict], front: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    sizes = [40 + 60 * r["size_mb"] for r in rows]
+    ax.scatter([r["latency_ms"] for r in rows], [r["mAP50_95"] for r in rows], s=sizes, alpha=0.6,
+               c=["tab:orange" if i in front else "tab:blue" for i in range(len(rows))], edgecolors="k",
+               label="trials (marker area ~ file size)")
+    for i, r in enumerate(rows):
+        ax.annotate(r["trial"], (r["latency_ms"], r["mAP50_95"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    fx = [rows[i]["latency_ms"] for i in front]
+    fy = [rows[i]["mAP50_95"] for i in front]
+    ax.step(fx, fy, where="post", color="tab:orange", lw=1.5, label="Pareto front")
+    # Each trial timed its own FP32 baseline beside it; their median marks the baseline.
+    bl = sorted(r["baseline"]["latency_ms"] for r in rows)[len(rows) // 2]
+    bm = rows[0]["baseline"]["mAP50_95"]
+    ax.scatter([bl], [bm], marker="*", s=300, c="tab:red", edgecolors="k",
+               label=f"FP32 baseline ({rows[0]['baseline']['size_mb']:.1f} MB)")
+    ax.set_xlabel("latency, ms (ONNX Runtime, CPU, batch 1)")
+    ax.set_ylabel("mAP50-95 (val)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(trials: list[Trial], out: str | Path, title: str) -> dict:
+    rows = _rows(trials)
+    if not rows:
+        raise UserError(f"no complete trial to report ({len(trials)} trials, none with report.json and model.onnx)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    front = pareto_front([(r["latency_ms"], r["mAP50_95"]) for r in rows])
+    png = out / "pareto.png"
+    tmp_png = out / f".pareto.png.{os.getpid()}.tmp.png"
+    plot(rows, front, tmp_png)
+    tmp_png.replace(png)
+    order = front + [i for i in sorted(range(len(rows)), key=lambda i: -(rows[i]["score"] or 0)) if i not in front]
+    keys = sorted({k for r in rows for k in r["params"]})
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["trial", "Pareto", *keys, "mAP50-95", "latency ms",
+                                                            "speedup", "size MB", "score"])
+    body = []
+    for i in order:
+        r = rows[i]
+        cells = [r["trial"], "yes" if i in front else ""] + [_fmt(r["params"].get(k, "")) for k in keys] + [
+            f"{r['mAP50_95']:.4f}", f"{r['latency_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['size_mb']:.2f}",
+            _fmt(r["score"])]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    image = base64.b64encode(png.read_bytes()).decode()
+    base = rows[0]["baseline"]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;
+padding:4px 8px;text-align:right}}tr:nth-child(-n+{len(front)}) td{{background:#fff3e0}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{len(rows)} complete trials; FP32 baseline mAP50-95 {base['mAP50_95']:.4f}, {base['size_mb']:.2f} MB.
+Pareto-optimal trials (no other trial is both faster and more accurate) are highlighted and listed first.</p>
+<img src="data:image/png;base64,{image}" alt="mAP50-95 against latency">
+<table><tr>{head}</tr>{''.join(body)}</table></body></html>"""
+    tmp = out / f".report.html.{os.getpid()}.tmp"
+    tmp.write_text(page)
+    tmp.replace(out / "report.html")
+    return {"trials": len(rows), "pareto": [rows[i]["trial"] for i in front], "html": str(out / "report.html"),
+            "png": str(png)}
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
