@@ -48,6 +48,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out or os.environ.get("NNI_OUTPUT_DIR") or "runs/trial")
+    (out / "report.json").unlink(missing_ok=True)  # first of all: a report only ever describes a finished run
     if not args.verbose:
         os.environ.setdefault("YOLO_VERBOSE", "False")
         warnings.filterwarnings("ignore")
@@ -65,7 +67,6 @@ def main(argv=None) -> int:
             overrides.update(nni.get_next_parameter() or {})  # tuner values over the fixed budget
         cfg = build_config(overrides)
         score_cfg = build_score_config(parse_sets(args.score))
-        out = Path(args.out or os.environ.get("NNI_OUTPUT_DIR") or "runs/trial")
 
         def on_epoch(record):
             print(json.dumps({"epoch": record}), flush=True)

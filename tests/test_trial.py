@@ -90,3 +90,27 @@ def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_pa
     for out in ("ptq", "qat"):
         assert int8_weight_count(tmp_path / out / "model.onnx") > 0
         assert (tmp_path / out / "model.onnx").stat().st_size < 0.5 * (tmp_path / out / "fp32.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("delay", [2.0, 5.0, 8.0])
+def test_a_killed_trial_never_leaves_a_report(tiny_pt, tiny_data, tmp_path, env, delay):
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    (out / "report.json").write_text("{}")  # a report of an earlier run must not survive a new, unfinished one
+    cmd = [sys.executable, str(TRIAL), "--weights", str(tiny_pt), "--data", str(tiny_data), "--imgsz", "64", "--out",
+           str(out), "--set", "sparsity=0.25", "--set", "kd_epochs=2", "--set", "batch=4", "--set", "device=cpu",
+           "--set", "calib_images=8", "--set", "recon_images=4", "--set", "seed=7"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    time.sleep(delay)
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    report = out / "report.json"
+    if finished:  # too fast to kill: then the run must be complete
+        assert json.loads(report.read_text())["result"] and (out / "model.onnx").is_file()
+    else:
+        assert not report.exists()
+        assert not list(out.glob("*.onnx")) or all(p.stat().st_size > 0 for p in out.glob("*.onnx"))
