@@ -24,7 +24,7 @@ class TrialConfig:
     kd_feature: float = 1.0  # weight of the per-layer feature matching inside the distillation loss, >= 0
     kd_images: str | None = None  # extra unlabeled image folder for distillation
     recon_images: int = 32  # train images for the least-squares reconstruction after pruning, 0 = none
-    lr: float = 0.01  # peak learning rate
+    lr: float = 0.001  # peak learning rate (0.01 collapsed or diverged after pruning on COCO128)
     optimizer: str = "sgd"  # sgd | adamw
     freeze_bn: bool = True  # BN running statistics stay fixed during recovery training
     batch: int = 16  # images per training step

@@ -48,7 +48,7 @@ class DistillConfig:
     kd_epochs: int = 10  # passes over the train split, 0 = no training
     kd_temperature: float = 4.0  # softening of teacher and student logits, 1 <= T <= 20
     kd_alpha: float = 0.7  # weight of kd_loss against the task loss, 0..1 (1 = distillation only, no labels needed)
-    lr: float = 0.01  # peak learning rate, 0 < lr <= 1
+    lr: float = 0.001  # peak learning rate, 0 < lr <= 1
     freeze_bn: bool = True  # BN layers use their running statistics while training (small-data fine-tuning)
     optimizer: str = "sgd"  # "sgd" (nesterov, momentum 0.937) | "adamw" (betas 0.937/0.999)
     batch: int = 16  # images per step
@@ -78,6 +78,7 @@ class DistillResult:
     epochs: list[dict] = field(default_factory=list)  # per epoch: epoch, loss, mAP50, mAP50_95, seconds
     best_epoch: int = 0  # 0 = the untrained input stayed best
     start_mAP50_95: float | None = None  # val mAP of the input, before training
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite
     seconds: float = 0.0
 
 
@@ -258,14 +259,19 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             if unlabeled is not None:
                 loss = loss + step_loss(next(unlabeled), labeled=False)
             optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if not torch.isfinite(loss):  # a diverging step must not poison the weights (seen at lr 0.01)
+                result.skipped_steps += 1
+                continue
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)
+            if not torch.isfinite(nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)) and not amp:
+                result.skipped_steps += 1
+                continue
             scaler.step(optimizer)
             scaler.update()
             ema.update(student)
             total += loss.item()
-            step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
         metrics = evaluate(ema.ema, data, imgsz, batch=cfg.batch, device=str(device), progress=False)
         record = {"epoch": epoch, "loss": total / len(loader), "mAP50": metrics.mAP50,
