@@ -52,25 +52,37 @@ def _onnx_imgsz(path) -> int:
     return shape if isinstance(shape, int) else 640
 
 
-def _best(args) -> dict:
-    from compression.experiment import best_trial, export_best, trials_from_disk, trials_from_rest
+def _trials(args):
+    from compression.experiment import trials_from_disk, trials_from_rest
 
-    trials = trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
-    return export_best(best_trial(trials, args.metric), args.out)
+    return trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
+
+
+def _best(args) -> dict:
+    from compression.experiment import best_trial, export_best
+
+    return export_best(best_trial(_trials(args), args.metric), args.out)
 
 
 def _report(args) -> dict:
-    from compression.experiment import trials_from_disk, trials_from_rest
     from compression.report import write_report
 
-    trials = trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
-    return write_report(trials, args.out, f"yolo-compress experiment {args.experiment}")
+    return write_report(_trials(args), args.out, f"yolo-compress experiment {args.experiment}")
 
 
 def _infer(args) -> dict:
     from compression.infer import infer
 
     return infer(args.model, args.source, args.out, imgsz=args.imgsz, conf=args.conf, iou=args.iou, device=args.device)
+
+
+def _experiment_parser(sub, verb: str, help_: str) -> argparse.ArgumentParser:
+    """A verb that reads an NNI experiment: by id from its folder, or through a running one's REST API."""
+    p = sub.add_parser(verb, help=help_)
+    p.add_argument("--experiment", required=True, help="NNI experiment id")
+    p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
+    p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,12 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the torch model, to add params and MACs")
     p.set_defaults(func=_benchmark)
 
-    p = sub.add_parser("best", help="copy the best complete trial's INT8 ONNX (and its report) out of an experiment")
-    p.add_argument("--experiment", required=True, help="NNI experiment id")
+    p = _experiment_parser(sub, "best", "copy the best complete trial's INT8 ONNX (and its report) out of an experiment")
     p.add_argument("--out", required=True, help="output .onnx path; the report goes beside it as <name>.report.json")
     p.add_argument("--metric", default="default", help="final-metric key to rank by (default: the score)")
-    p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
-    p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
     p.set_defaults(func=_best)
 
     p = sub.add_parser("infer", help="draw detections on an image or a folder of images; JSON of detections")
@@ -120,11 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_infer)
 
-    p = sub.add_parser("report", help="HTML page and PNG plot of an experiment's trials with the Pareto front")
-    p.add_argument("--experiment", required=True, help="NNI experiment id")
+    p = _experiment_parser(sub, "report", "HTML page and PNG plot of an experiment's trials with the Pareto front")
     p.add_argument("--out", required=True, help="output folder (report.html, pareto.png)")
-    p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
-    p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
     p.set_defaults(func=_report)
     return parser
 

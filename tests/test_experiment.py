@@ -81,13 +81,17 @@ def test_both_trials_succeed_with_every_final_metric_key(experiment):
         assert final["latency_ms"] > 0 and final["size_mb"] > 0
 
 
-def test_best_exports_a_model_that_onnx_runtime_loads(experiment):
-    out = experiment["tmp"] / "best.onnx"
-    r = subprocess.run([sys.executable, "-m", "compression", "best", "--experiment", experiment["id"], "--root",
+def run_verb(experiment, verb: str, out) -> dict:
+    r = subprocess.run([sys.executable, "-m", "compression", verb, "--experiment", experiment["id"], "--root",
                         str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=120,
                        env=experiment["env"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    picked = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_best_exports_a_model_that_onnx_runtime_loads(experiment):
+    out = experiment["tmp"] / "best.onnx"
+    picked = run_verb(experiment, "best", out)
     trials = trials_from_disk(experiment["id"], experiment["root"])
     assert picked["trial"] == best_trial(trials).id
     assert picked["default"] == max(t.metrics["default"] for t in trials)
@@ -108,11 +112,7 @@ def test_best_skips_a_trial_without_report(experiment):
 
 def test_report_writes_html_and_png_with_the_pareto_front(experiment):
     out = experiment["tmp"] / "report"
-    r = subprocess.run([sys.executable, "-m", "compression", "report", "--experiment", experiment["id"], "--root",
-                        str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=120,
-                       env=experiment["env"], cwd=ROOT)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res = run_verb(experiment, "report", out)
     page = (out / "report.html").read_text()
     assert res["trials"] == 2 and 1 <= len(res["pareto"]) <= 2
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "data:image/png;base64," in page
