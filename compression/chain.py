@@ -130,16 +130,18 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     stages["export"] = {"fp32_mAP50_95": fp32_map, "seconds": time.perf_counter() - t0}
 
     model_path = out / "model.onnx"
+    evaluated: dict = {}
     if cfg.quantize:
         stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, data, imgsz, cfg, fp32_map,
-                                            epoch_hook("qat"), progress)
+                                            epoch_hook("qat"), progress, evaluated)
     else:
         tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
         shutil.copyfile(fp32_path, tmp)
         tmp.replace(model_path)
 
     t0 = time.perf_counter()
-    acc = evaluate(model_path, data, imgsz, progress=progress)
+    shipped = max((r["mAP50_95"] for r in stages.get("quantize", {}).get("rounds", [])), default=None)
+    acc = evaluated.get(shipped) or evaluate(model_path, data, imgsz, progress=progress)
     speed, base_speed = benchmark_pair(model_path, base_onnx, imgsz, progress=progress)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
@@ -156,8 +158,10 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
 
 def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, data: dict, imgsz: int, cfg: TrialConfig,
-                   fp32_map: float, on_epoch, progress: bool) -> dict:
-    """PTQ of ``fp32_path`` (``qat_epochs == 0``) or QAT of ``student`` then INT8 export, into ``model_path``."""
+                   fp32_map: float, on_epoch, progress: bool, evaluated: dict) -> dict:
+    """PTQ of ``fp32_path`` (``qat_epochs == 0``) or QAT of ``student`` then INT8 export, into ``model_path``.
+
+    ``evaluated`` collects every INT8 candidate's val result by its mAP50-95."""
     import tempfile
 
     import onnx
@@ -173,7 +177,9 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, data: di
     images = train_images(data, qcfg.calib_images, imgsz, cfg.seed)
 
     def eval_fn(path):
-        return evaluate(path, data, imgsz, progress=False).mAP50_95
+        acc = evaluate(path, data, imgsz, progress=False)
+        evaluated[acc.mAP50_95] = acc  # the shipped round's full result, so the chain need not evaluate it again
+        return acc.mAP50_95
 
     if cfg.qat_epochs == 0:
         res = ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, fp32_map=fp32_map, progress=progress)

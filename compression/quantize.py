@@ -65,28 +65,15 @@ def decode_nodes(model) -> list[str]:
 
     Works on any family (anchor-based or anchor-free head) and on pruned graphs, since it only reads the graph.
     """
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    feeds_compute: dict[str, bool] = {}
-
-    def reaches(node) -> bool:  # does any path from this node's outputs reach a compute op?
-        key = node.name
-        if key not in feeds_compute:
-            feeds_compute[key] = False  # graphs are acyclic; this only guards recursion on revisits
-            feeds_compute[key] = any(c.op_type in COMPUTE_OPS or reaches(c)
-                                     for out in node.output for c in consumers.get(out, []))
-        return feeds_compute[key]
-
-    import sys
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 10 * len(model.graph.node) + 100))
-    try:
-        return [n.name for n in model.graph.node if n.op_type not in COMPUTE_OPS and not reaches(n)]
-    finally:
-        sys.setrecursionlimit(limit)
+    # ONNX keeps nodes in topological order, so one backward pass sees every consumer before its producer.
+    feeds_compute: set[str] = set()  # tensors from which some path reaches a compute op
+    decode = []
+    for node in reversed(model.graph.node):
+        if node.op_type in COMPUTE_OPS or any(out in feeds_compute for out in node.output):
+            feeds_compute.update(node.input)
+        else:
+            decode.append(node.name)
+    return decode[::-1]
 
 
 def conv_nodes(model) -> list[str]:
@@ -181,7 +168,7 @@ def output_error(reference: Path | str, candidate: Path | str, images: np.ndarra
     ref, cand = outs
     scale = np.ones((1, ref.shape[1], 1), np.float32)
     scale[:, :4] = 1 / imgsz
-    return float(((ref - cand) * scale).__pow__(2).mean() / ((ref * scale) ** 2).mean())
+    return float((((ref - cand) * scale) ** 2).mean() / ((ref * scale) ** 2).mean())
 
 
 def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantConfig,
