@@ -19,6 +19,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 test-slow: $(STAMP)
+	$(BIN)/pip install -q -e ".[test,browser]"
 	$(BIN)/python -m pytest -q -m slow tests
 
 # The main job. Overrides, none required: WEIGHTS, DATA, IMGSZ, BUDGET ("--set key=value ..."), PORT.

@@ -25,7 +25,7 @@ from compression.runtime import cache_dir
 STUDENT_VERSION = 2  # bump when pruning or distillation changes what a cached student holds
 # TrialConfig fields that shape the FP32 student (everything before quantization).
 STUDENT_KEYS = ("sparsity", "prune_importance", "recon_images", "kd_epochs", "kd_temperature", "kd_alpha",
-                "kd_feature", "kd_images", "lr", "optimizer", "freeze_bn", "batch", "mosaic", "seed")
+                "kd_feature", "kd_images", "train_imgsz", "lr", "optimizer", "freeze_bn", "batch", "mosaic", "seed")
 
 
 def _file_key(path: str | Path) -> list:

@@ -23,6 +23,7 @@ class TrialConfig:
     kd_alpha: float = 0.7  # 0..1, weight of the distillation loss
     kd_feature: float = 1.0  # weight of the per-layer feature matching inside the distillation loss, >= 0
     kd_images: str | None = None  # extra unlabeled image folder for distillation
+    train_imgsz: int = 0  # recovery-training image size, 0 = the evaluation imgsz
     recon_images: int = 32  # train images for the least-squares reconstruction after pruning, 0 = none
     lr: float = 0.001  # peak learning rate (0.01 collapsed or diverged after pruning on COCO128)
     optimizer: str = "sgd"  # sgd | adamw
@@ -58,6 +59,7 @@ class TrialConfig:
         # QAT learns to match the FP32 teacher, not the labels: pure distillation keeps it where the teacher is
         return DistillConfig(kd_epochs=self.qat_epochs, kd_temperature=self.kd_temperature, kd_alpha=1.0,
                              kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="sgd",
+                             train_imgsz=self.train_imgsz,
                              batch=self.batch, mosaic=self.mosaic, device=self.device, seed=self.seed,
                              warmup_epochs=0)
 
@@ -67,6 +69,7 @@ class TrialConfig:
     def distill_config(self) -> DistillConfig:
         return DistillConfig(kd_epochs=self.kd_epochs, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
                              kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.lr, optimizer=self.optimizer,
+                             train_imgsz=self.train_imgsz,
                              freeze_bn=self.freeze_bn, batch=self.batch, mosaic=self.mosaic,
                              device=self.device, seed=self.seed)
 

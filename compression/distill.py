@@ -56,6 +56,7 @@ class DistillConfig:
     mosaic: float = 0.0  # ultralytics mosaic probability for the train split, 0..1
     kd_feature: float = 1.0  # weight of the per-layer feature term inside kd_loss, >= 0
     kd_images: str | None = None  # extra folder of unlabeled images; on them only kd_loss counts
+    train_imgsz: int = 0  # training image size (0 = the evaluation size); smaller = more steps per CPU minute
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda[:N]
     workers: int = 2  # dataloader workers
     seed: int = 0
@@ -63,9 +64,11 @@ class DistillConfig:
     def __post_init__(self):
         checks = {"kd_epochs": 0 <= self.kd_epochs <= 1000, "kd_temperature": 1 <= self.kd_temperature <= 20,
                   "kd_alpha": 0 <= self.kd_alpha <= 1, "lr": 0 < self.lr <= 1, "batch": 1 <= self.batch <= 1024,
-                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature, "mosaic": 0 <= self.mosaic <= 1}
+                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature, "mosaic": 0 <= self.mosaic <= 1,
+                  "train_imgsz": 0 <= self.train_imgsz <= 4096}
         ranges = {"kd_epochs": "0..1000", "kd_temperature": "1..20", "kd_alpha": "0..1", "lr": "(0, 1]",
-                  "batch": "1..1024", "warmup_epochs": ">= 0", "kd_feature": ">= 0", "mosaic": "0..1"}
+                  "batch": "1..1024", "warmup_epochs": ">= 0", "kd_feature": ">= 0", "mosaic": "0..1",
+                  "train_imgsz": "0..4096"}
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be one of ('sgd', 'adamw'), got {self.optimizer!r}")
         for name, ok in checks.items():
@@ -203,16 +206,17 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
 
     hyp = get_cfg(DEFAULT_CFG, {"mosaic": cfg.mosaic, "close_mosaic": 0})
     stride = int(max(student.stride))
+    train_size = max(stride, round((cfg.train_imgsz or imgsz) / stride) * stride)
     # kd_alpha = 1 needs no labels: the train split is then read as images alone.
-    loader = build_loader(build_dataset(data, "train", imgsz, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
+    loader = build_loader(build_dataset(data, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
                                         unlabeled=cfg.kd_alpha == 1), cfg.batch, shuffle=True, workers=cfg.workers)
     unlabeled = None
     if cfg.kd_images:
         extra = {**data, "train": cfg.kd_images}
         unlabeled = itertools.cycle(build_loader(
-            build_dataset(extra, "train", imgsz, augment=True, batch=cfg.batch, stride=stride, hyp=hyp, unlabeled=True),
+            build_dataset(extra, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp, unlabeled=True),
             cfg.batch, shuffle=True, workers=cfg.workers))
-    criterion = task_loss(student, imgsz)
+    criterion = task_loss(student, train_size)
     optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
     steps = cfg.kd_epochs * len(loader)
     warmup = max(1, round(cfg.warmup_epochs * len(loader))) if cfg.warmup_epochs else 0

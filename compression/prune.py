@@ -127,7 +127,7 @@ def _conv_order(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 
 def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, samples: int = 512,
-                ridge: float = 0.01, progress: bool = True) -> nn.Module:
+                ridge: float = 0.01, progress: bool = True, bias: bool = True) -> nn.Module:
     """Refit each conv of a pruned ``student`` by least squares so its output matches the teacher's kept channels.
 
     Layer by layer in execution order (channel-pruning "reconstruction"), with ``X`` the student's own input patches
@@ -201,6 +201,11 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, s
         cols = F.unfold(student_input(s_conv), s_conv.kernel_size, s_conv.dilation, s_conv.padding, s_conv.stride)
         x = torch.gather(cols, 2, pick.unsqueeze(1).expand(-1, cols.shape[1], -1)).permute(1, 0, 2).flatten(1).double()
         w0 = s_conv.weight.detach().flatten(1).double()
+        bn = s_mods.get(f"{name.rsplit('.', 1)[0]}.bn")
+        with_bias = bias and (s_conv.bias is not None or isinstance(bn, nn.BatchNorm2d))
+        if with_bias:  # a constant input row: the fitted offset replaces what the removed channels contributed on average
+            x = torch.cat([x, torch.ones_like(x[:1])])
+            w0 = torch.cat([w0, torch.zeros_like(w0[:, :1])], 1)
         held = torch.rand(x.shape[1], generator=gen) < 0.2
         xf, yf = x[:, ~held], y[:, ~held]
         gram = xf @ xf.T
@@ -208,5 +213,11 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, s
         w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), xf @ yf.T + lam * w0.T).T
         if (w @ x[:, held] - y[:, held]).pow(2).sum() < (w0 @ x[:, held] - y[:, held]).pow(2).sum():
             with torch.no_grad():
-                s_conv.weight.copy_(w.view_as(s_conv.weight).to(s_conv.weight.dtype))
+                if with_bias:
+                    w, offset = w[:, :-1], w[:, -1].to(s_conv.weight.dtype)
+                    if s_conv.bias is not None:
+                        s_conv.bias.add_(offset)
+                    else:
+                        bn.running_mean.sub_(offset)  # BN(conv + b) with mean m == BN(conv) with mean m - b
+                s_conv.weight.copy_(w.reshape(s_conv.weight.shape).to(s_conv.weight.dtype))
     return student

@@ -124,3 +124,47 @@ def test_pareto_front_keeps_only_undominated_points():
 
     points = [(10, 0.30), (8, 0.31), (12, 0.33), (9, 0.29), (8, 0.20)]  # (latency, mAP)
     assert pareto_front(points) == [1, 2]
+
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome") if
+                 Path(p).is_file()), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)")
+def test_dashboard_shows_the_trials_and_their_metrics_in_a_real_browser(experiment):
+    """Headless Chromium opens the NNI web UI, adds our final-metric keys as table columns and reads the rows."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    finals = {j["trialJobId"]: json.loads(json.loads(j["finalMetricData"][-1]["data"])) for j in experiment["jobs"]}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+            "--disable-component-update"])  # this machine has no internet: Chromium must not try to phone home
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(f"http://127.0.0.1:{experiment['port']}/oview")
+            body = page.locator("body")
+            sync_api.expect(body).to_contain_text(experiment["id"], timeout=30_000)
+            sync_api.expect(body).to_contain_text("DONE")
+            for trial in finals:  # the top-trials table
+                sync_api.expect(body).to_contain_text(trial)
+
+            page.goto(f"http://127.0.0.1:{experiment['port']}/detail")
+            page.get_by_text("Add/Remove columns").click(timeout=30_000)
+            dialog = page.inner_text("body")
+            for key in FINAL_KEYS - {"default"}:  # every key of our final dict is offered as a column
+                assert f"{key} (metric)" in dialog, key
+            for key in ("mAP50_95", "latency_ms", "size_mb"):
+                page.get_by_text(f"{key} (metric)", exact=True).click()
+            page.get_by_text("Save", exact=True).click()
+            sync_api.expect(page.locator("[role=columnheader]", has_text="size_mb (metric)")).to_be_visible()
+            page.screenshot(path=str(experiment["tmp"] / "dashboard.png"), full_page=True)
+            for trial, final in finals.items():
+                row = page.locator("[role=row]", has_text=trial)
+                sync_api.expect(row).to_contain_text("SUCCEEDED")
+                shown = [float(x) for x in re.findall(r"\d+\.\d+(?:e-?\d+)?", row.inner_text())]
+                for key in ("default", "mAP50_95", "latency_ms", "size_mb"):
+                    assert any(x == pytest.approx(final[key], rel=1e-5, abs=1e-6) for x in shown), (key, shown)
+        finally:
+            browser.close()
