@@ -127,6 +127,52 @@ def test_pareto_front_keeps_only_undominated_points():
 
 
 
+
+def nnictl(experiment, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(NNICTL), *args], capture_output=True, text=True, timeout=timeout, env=experiment["env"])
+
+
+def wait_for_jobs(port: int, count: int, seconds: float = 280) -> list[dict]:
+    deadline, jobs = time.time() + seconds, []
+    while time.time() < deadline:
+        jobs = get(port, "trial-jobs")
+        if len(jobs) >= count and all(j["status"] not in ("WAITING", "RUNNING") for j in jobs):
+            break
+        time.sleep(3)
+    return jobs
+
+
+def test_stop_then_resume_continues_the_experiment_and_reuses_the_caches(experiment):
+    """Runs after the tests above (file order): stop, resume on the same port, one more trial, caches reused."""
+    exp_id, port, cache = experiment["id"], experiment["port"], experiment["tmp"] / "cache"
+    baselines = {p: p.stat().st_mtime_ns for p in (cache / "baselines").iterdir()}
+    students = set((cache / "students").iterdir())
+    r = nnictl(experiment, "stop", exp_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # really stopped
+
+    r = nnictl(experiment, "resume", exp_id, "--port", str(port))
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = {j["trialJobId"]: j["status"] for j in get(port, "trial-jobs")}
+    assert list(before.values()) == ["SUCCEEDED", "SUCCEEDED"]  # the finished trials came back as they were
+    r = nnictl(experiment, "update", "trialnum", exp_id, "--value", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = wait_for_jobs(port, 3)
+    new = [j for j in jobs if j["trialJobId"] not in before]
+    assert len(new) == 1 and new[0]["status"] == "SUCCEEDED", jobs
+
+    # The FP32 baseline was not measured again, and the new trial's student came from the cache whenever an
+    # earlier trial had made one with the same pruning (two sparsity choices for three trials).
+    assert {p: p.stat().st_mtime_ns for p in (cache / "baselines").iterdir()} == baselines
+    trials = {t.id: t for t in trials_from_disk(exp_id, experiment["root"])}
+    report = json.loads((trials[new[0]["trialJobId"]].folder / "report.json").read_text())
+    seen = {json.loads((trials[t].folder / "report.json").read_text())["config"]["sparsity"] for t in before}
+    expected = "hit" if report["config"]["sparsity"] in seen else "miss"
+    assert report["stages"]["cache"]["student"] == expected
+    assert set((cache / "students").iterdir()) >= students
+
+
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome") if
                  Path(p).is_file()), None)
 
