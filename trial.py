@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                 nni.report_intermediate_result(record["mAP50_95"])
 
         report = run_chain(args.weights, args.data, args.imgsz, cfg, out, on_epoch=on_epoch,
-                           progress=sys.stderr.isatty(), score_fn=lambda r: score(r, score_cfg))
+                           progress=sys.stderr.isatty(), score_fn=lambda r: score(r, score_cfg),
+                           on_stage=lambda name: print(json.dumps({"stage": name}), flush=True))
         final = report["final"]
     except UserError as e:
         if args.verbose:
