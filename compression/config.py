@@ -106,7 +106,8 @@ def build_config(overrides: dict) -> TrialConfig:
             elif isinstance(default, str):
                 value = str(value)
         except (TypeError, ValueError):
-            raise UserError(f"{key} must be a {type(default).__name__}, got {value!r}") from None
+            kind = type(default).__name__
+            raise UserError(f"{key} must be {'an' if kind == 'int' else 'a'} {kind}, got {value!r}") from None
         values[key] = value
     try:
         return dataclasses.replace(TrialConfig(), **values) if values else TrialConfig()

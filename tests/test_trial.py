@@ -68,7 +68,7 @@ def test_bad_keys_and_values_are_one_line(tiny_pt, tiny_data, tmp_path, bad, exp
 def test_set_values_are_typed():
     cfg = build_config(parse_sets(["sparsity=0.2", "kd_epochs=3", "quantize=false", "prune_importance=l2"]))
     assert (cfg.sparsity, cfg.kd_epochs, cfg.quantize, cfg.prune_importance) == (0.2, 3, False, "l2")
-    with pytest.raises(UserError, match="kd_epochs must be a int"):
+    with pytest.raises(UserError, match="kd_epochs must be an int"):
         build_config(parse_sets(["kd_epochs=1.5"]))
     with pytest.raises(UserError, match="key=value"):
         parse_sets(["sparsity"])
