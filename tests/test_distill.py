@@ -105,8 +105,20 @@ def test_distillation_only_works_without_labels(tiny_yolov5, tiny_data, tmp_path
     assert len(result.epochs) == 1
 
 
+def test_train_imgsz_trains_small_and_evaluates_at_imgsz(tiny_yolov5, tiny_data):
+    data = load_data_config(tiny_data, ("train", "val"))
+    model, sizes = copy.deepcopy(tiny_yolov5), set()
+    model.register_forward_pre_hook(lambda _m, inp: sizes.add((inp[0].shape[-1], torch.is_grad_enabled())))
+    cfg = DistillConfig(kd_epochs=1, batch=4, workers=0, device="cpu", train_imgsz=32)
+    _, result = distill(model, tiny_yolov5, data, cfg, 64, progress=False)  # the hook travels with the copy
+    assert len(result.epochs) == 1
+    assert (32, True) in sizes and (64, True) not in sizes  # every training step at 32 px
+    assert any(s == 64 for s, _ in sizes)  # validation at the model's size
+
+
 @pytest.mark.parametrize("kwargs, field", [({"kd_alpha": 1.5}, "kd_alpha"), ({"kd_temperature": 0.5}, "kd_temperature"),
-                                           ({"kd_epochs": -1}, "kd_epochs"), ({"lr": 0}, "lr")])
+                                           ({"kd_epochs": -1}, "kd_epochs"), ({"lr": 0}, "lr"),
+                                           ({"train_imgsz": -32}, "train_imgsz")])
 def test_out_of_range_values_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DistillConfig(**kwargs)

@@ -80,3 +80,45 @@ def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yo
     before = feature_error(small)
     reconstruct_(small, teacher, fit, progress=False)
     assert feature_error(small) < 0.8 * before
+
+
+class _Block(nn.Module):
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c1, c2, 1, bias=False), nn.BatchNorm2d(c2), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class _Pair(nn.Module):
+    def __init__(self, mid):
+        super().__init__()
+        self.a, self.b = _Block(3, mid), _Block(mid, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reconstruction_offset_replaces_what_a_removed_channel_added_on_average(bias):
+    """The teacher's 4th middle channel is a constant (its conv weights are 0); the student lacks it. Only an offset
+    (folded into the next BN's running mean) can give back its contribution to ``b``: exactly, with ``bias``."""
+    torch.manual_seed(0)
+    teacher = _Pair(4).eval()
+    with torch.no_grad():
+        teacher.a.conv.weight[3] = 0
+        teacher.a.bn.bias[3] = 1.0  # SiLU(1) = 0.73 everywhere
+        teacher.b.bn.running_var.fill_(1.0)
+        teacher.b.conv.weight[:, 3] = 2.0  # a large, constant contribution to every output
+    student = _Pair(3).eval()
+    student.load_state_dict({k: v[:3] if k.startswith("a.") and v.ndim else v
+                             for k, v in teacher.state_dict().items() if not k.startswith("b.conv")}, strict=False)
+    with torch.no_grad():
+        student.b.conv.weight.copy_(teacher.b.conv.weight[:, :3])
+    student.kept_channels = {"a.bn": [0, 1, 2]}
+    x = torch.rand(8, 3, 16, 16)
+    reconstruct_(student, teacher, x, progress=False, bias=bias, ridge=1e-6)
+    with torch.no_grad():
+        err = (student(x) - teacher(x)).abs().max().item()
+    assert (err < 1e-3) if bias else (err > 0.05), err
