@@ -92,7 +92,7 @@ def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_pa
         assert (tmp_path / out / "model.onnx").stat().st_size < 0.5 * (tmp_path / out / "fp32.onnx").stat().st_size
 
 
-@pytest.mark.parametrize("stage,sig", [("distill", "SIGKILL"), ("export", "SIGKILL"), ("quantize", "SIGTERM"),
+@pytest.mark.parametrize("stage,sig", [("baseline", "SIGKILL"), ("distill", "SIGKILL"), ("export", "SIGKILL"), ("quantize", "SIGTERM"),
                                        ("measure", "SIGKILL")])
 def test_a_trial_killed_at_any_stage_leaves_no_report_and_no_half_cache(tiny_pt, tiny_data, tmp_path, env, stage,
                                                                         sig):
@@ -117,12 +117,14 @@ def test_a_trial_killed_at_any_stage_leaves_no_report_and_no_half_cache(tiny_pt,
     proc.wait(timeout=120)
     assert seen[-1] == stage and proc.returncode != 0, (seen, proc.returncode)
     assert not (out / "report.json").exists()
-    students = Path(env["YOLO_COMPRESS_CACHE"]) / "students"
-    for entry in students.glob("[!.]*"):  # published entries are whole; half-written ones stay hidden
+    cache = Path(env["YOLO_COMPRESS_CACHE"])
+    for entry in (cache / "students").glob("[!.]*"):  # published entries are whole; half-written ones stay hidden
         assert (entry / "state.pt").is_file() and (entry / "stages.json").is_file()
+    for entry in (cache / "baselines").glob("[!.]*.json"):
+        assert json.loads(entry.read_text())["mAP50_95"] >= 0 and entry.with_suffix(".onnx").is_file()
 
     # The next run of the same trial completes, and takes the student from the cache when it was published.
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["stages"]["cache"]["student"] == ("miss" if stage == "distill" else "hit")
+    assert report["stages"]["cache"]["student"] == ("miss" if stage in ("baseline", "distill") else "hit")
