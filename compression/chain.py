@@ -75,10 +75,6 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
     ``on_stage(name)`` is called as each stage starts: baseline, prune, distill, export, quantize, measure, report.
     """
-    def stage(name: str) -> None:
-        if on_stage:
-            on_stage(name)
-
     from compression.benchmark import benchmark_pair, count_params_and_macs
     from compression.data import load_data_config, train_images
     from compression.distill import distill
@@ -87,6 +83,10 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     from compression.measure import Measurement, baseline
     from compression.models import load_model
     from compression.prune import prune, reconstruct_
+
+    def stage(name: str) -> None:
+        if on_stage:
+            on_stage(name)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

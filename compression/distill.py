@@ -64,8 +64,8 @@ class DistillConfig:
     def __post_init__(self):
         checks = {"kd_epochs": 0 <= self.kd_epochs <= 1000, "kd_temperature": 1 <= self.kd_temperature <= 20,
                   "kd_alpha": 0 <= self.kd_alpha <= 1, "lr": 0 < self.lr <= 1, "batch": 1 <= self.batch <= 1024,
-                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature, "mosaic": 0 <= self.mosaic <= 1,
-                  "train_imgsz": 0 <= self.train_imgsz <= 4096}
+                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature,
+                  "mosaic": 0 <= self.mosaic <= 1, "train_imgsz": 0 <= self.train_imgsz <= 4096}
         ranges = {"kd_epochs": "0..1000", "kd_temperature": "1..20", "kd_alpha": "0..1", "lr": "(0, 1]",
                   "batch": "1..1024", "warmup_epochs": ">= 0", "kd_feature": ">= 0", "mosaic": "0..1",
                   "train_imgsz": "0..4096"}
@@ -208,14 +208,15 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
     stride = int(max(student.stride))
     train_size = max(stride, round((cfg.train_imgsz or imgsz) / stride) * stride)
     # kd_alpha = 1 needs no labels: the train split is then read as images alone.
-    loader = build_loader(build_dataset(data, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
-                                        unlabeled=cfg.kd_alpha == 1), cfg.batch, shuffle=True, workers=cfg.workers)
+    loader = build_loader(build_dataset(data, "train", train_size, augment=True, batch=cfg.batch, stride=stride,
+                                        hyp=hyp, unlabeled=cfg.kd_alpha == 1),
+                          cfg.batch, shuffle=True, workers=cfg.workers)
     unlabeled = None
     if cfg.kd_images:
         extra = {**data, "train": cfg.kd_images}
         unlabeled = itertools.cycle(build_loader(
-            build_dataset(extra, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp, unlabeled=True),
-            cfg.batch, shuffle=True, workers=cfg.workers))
+            build_dataset(extra, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
+                          unlabeled=True), cfg.batch, shuffle=True, workers=cfg.workers))
     criterion = task_loss(student, train_size)
     optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
     steps = cfg.kd_epochs * len(loader)

@@ -137,6 +137,9 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, s
         W = argmin |W X - Y|^2 + lambda |W - W0|^2 = (Y X^T + lambda W0)(X X^T + lambda I)^-1,
         lambda = ridge * mean(diag(X X^T))
 
+    With ``bias`` (the default), ``X`` gets a row of ones and ``W`` an offset column (ridge towards 0): the offset
+    stands for what the removed input channels added on average (e.g. SiLU of their BN shift) and is folded into the
+    conv's bias or, for the usual bias-free conv before a BN, into that BN's running mean (m -> m - offset).
     A fifth of the positions is held out; a layer keeps ``W0`` when the refit does not lower the held-out error.
     Returns the student, changed in place; grouped convs and layers without a known channel map are left as they are.
     """
