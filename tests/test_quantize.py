@@ -41,6 +41,41 @@ def test_decode_is_what_follows_the_last_convolutions(fp32):
     assert all(not n.name.startswith("/model.0/") for n in model.graph.node if n.name in decode)
 
 
+def concat_scales(path) -> list[set[float]]:
+    """Per quantized Concat of a QDQ file: the set of scales of its dequantized inputs and quantized output."""
+    from onnx import numpy_helper
+
+    q = onnx.load(str(path))
+    inits = {i.name: float(numpy_helper.to_array(i)) for i in q.graph.initializer if not i.dims}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    consumers = {}
+    for n in q.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in q.graph.node:
+        if n.op_type != "Concat" or not all(producers.get(i) is not None and producers[i].op_type ==
+                                            "DequantizeLinear" for i in n.input):
+            continue
+        scales = {inits[producers[i].input[1]] for i in n.input}
+        scales |= {inits[c.input[1]] for c in consumers.get(n.output[0], []) if c.op_type == "QuantizeLinear"}
+        out.append(scales)
+    return out
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_concat_inputs_and_output_share_one_scale(fp32, calib, tmp_path, share):
+    out = tmp_path / "int8.onnx"
+    cfg = QuantConfig(calib_method="minmax", fallback_rounds=0, share_concat_ranges=share)
+    res = ptq(fp32[1], out, calib.numpy(), cfg, evaluate_fn=lambda p: 0.5, fp32_map=0.5, progress=False)
+    scales = concat_scales(out)
+    assert scales, "no quantized Concat found"
+    if share:
+        assert res.shared_concat_ranges > 0 and all(len(s) == 1 for s in scales), scales
+    else:
+        assert res.shared_concat_ranges == 0 and any(len(s) > 1 for s in scales), scales
+
+
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, granularity, method):
