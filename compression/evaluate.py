@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,19 +61,18 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
     loader = build_loader(dataset, batch)
     # An explicit save_dir: left to itself the validator makes runs/detect/train-N in the current folder each time.
-    scratch = tempfile.TemporaryDirectory(prefix="yc-val-")
-    validator = DetectionValidator(
-        dataloader=loader, save_dir=Path(scratch.name),
-        args=dict(conf=conf, iou=iou, max_det=max_det, plots=False, save_json=False, verbose=False,
-                  data=data["yaml_file"]))
-    validator.device, validator.data, validator.training = torch.device("cpu"), data, False
-    validator.init_metrics(predictor)
-    for batch_ in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        batch_ = validator.preprocess(batch_)
-        preds = validator.postprocess(predictor(batch_["img"]).cpu())
-        validator.update_metrics(preds, batch_)
-    stats = validator.get_stats()
-    scratch.cleanup()
+    with tempfile.TemporaryDirectory(prefix="yc-val-") as scratch:
+        validator = DetectionValidator(
+            dataloader=loader, save_dir=Path(scratch),
+            args=dict(conf=conf, iou=iou, max_det=max_det, plots=False, save_json=False, verbose=False,
+                      data=data["yaml_file"]))
+        validator.device, validator.data, validator.training = torch.device("cpu"), data, False
+        validator.init_metrics(predictor)
+        for batch_ in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
+            batch_ = validator.preprocess(batch_)
+            preds = validator.postprocess(predictor(batch_["img"]).cpu())
+            validator.update_metrics(preds, batch_)
+        stats = validator.get_stats()
     return EvalResult(
         mAP50=float(stats["metrics/mAP50(B)"]), mAP50_95=float(stats["metrics/mAP50-95(B)"]), images=len(dataset)
     )

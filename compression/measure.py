@@ -42,7 +42,8 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
     read half an entry. Latency is machine-state dependent: compare it only with a figure timed in the same run.
     """
     st = Path(weights).stat() if Path(weights).is_file() else None
-    key = json.dumps([EXPORT_VERSION, str(Path(weights).resolve()), st and st.st_size, st and st.st_mtime_ns, data["yaml_file"], imgsz])
+    key = json.dumps([EXPORT_VERSION, str(Path(weights).resolve()), st and st.st_size, st and st.st_mtime_ns,
+                      data["yaml_file"], imgsz])
     entry = cache_dir() / "baselines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     onnx_path = entry.with_suffix(".onnx")
     if entry.is_file() and onnx_path.is_file():

@@ -206,7 +206,7 @@ def reconstruct_(student: nn.Module, teacher: nn.Module, images: torch.Tensor, s
         w0 = s_conv.weight.detach().flatten(1).double()
         bn = s_mods.get(f"{name.rsplit('.', 1)[0]}.bn")
         with_bias = bias and (s_conv.bias is not None or isinstance(bn, nn.BatchNorm2d))
-        if with_bias:  # a constant input row: the fitted offset replaces what the removed channels contributed on average
+        if with_bias:  # a constant input row: the offset stands for what the removed channels added on average
             x = torch.cat([x, torch.ones_like(x[:1])])
             w0 = torch.cat([w0, torch.zeros_like(w0[:, :1])], 1)
         held = torch.rand(x.shape[1], generator=gen) < 0.2

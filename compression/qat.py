@@ -2,10 +2,10 @@
 
 BN is folded into the convolutions first (so the trained weights are the exported ones). Each convolution then sees
 its input and its output through uint8 fake-quantization with learnable scale and zero point (LSQ, initialised from
-the 0.01%/99.99% quantiles of calibration activations) and its weight through symmetric int8 fake-quantization, per channel or per tensor, with the
-scale ONNX Runtime will use (``max|w| / 127``). After training, the FP32 graph of the trained weights is exported and
-quantized by ONNX Runtime in QDQ format, with the learned ranges written over the calibrated ones for every tensor
-they cover; the decode stays FP32 exactly as in post-training quantization.
+the 0.01%/99.99% quantiles of calibration activations) and its weight through symmetric int8 fake-quantization, per
+channel or per tensor, with the scale ONNX Runtime will use (``max|w| / 127``). After training, the FP32 graph of
+the trained weights is exported and quantized by ONNX Runtime in QDQ format, with the learned ranges written over
+the calibrated ones for every tensor they cover; the decode stays FP32 exactly as in post-training quantization.
 """
 
 from __future__ import annotations

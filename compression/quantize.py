@@ -62,7 +62,7 @@ class QuantResult:
     rounds: list[dict] = field(default_factory=list)  # per quantization: fallback layers, mAP50_95
     fp32_mAP50_95: float | None = None
     learned_ranges: int = 0  # tensors whose calibrated range QAT's learned range replaced
-    shared_concat_ranges: int = 0  # tensors whose range was widened to their Concat's common range
+    shared_concat_ranges: int = 0  # tensors given the common range of their Concat group
     seconds: float = 0.0
 
 
