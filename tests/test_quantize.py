@@ -63,17 +63,44 @@ def concat_scales(path) -> list[set[float]]:
     return out
 
 
+def eight_bit_concats(path) -> int:
+    """How many Concats of a QDQ file read 8-bit tensors straight from QuantizeLinear nodes (folded ones)."""
+    q = onnx.load(str(path))
+    producers = {o: n for n in q.graph.node for o in n.output}
+    return sum(1 for n in q.graph.node if n.op_type == "Concat" and all(
+        producers.get(i) is not None and producers[i].op_type == "QuantizeLinear" for i in n.input))
+
+
 @pytest.mark.parametrize("share", [True, False])
 def test_concat_inputs_and_output_share_one_scale(fp32, calib, tmp_path, share):
     out = tmp_path / "int8.onnx"
     cfg = QuantConfig(calib_method="minmax", fallback_rounds=0, share_concat_ranges=share)
     res = ptq(fp32[1], out, calib.numpy(), cfg, evaluate_fn=lambda p: 0.5, fp32_map=0.5, progress=False)
-    scales = concat_scales(out)
-    assert scales, "no quantized Concat found"
-    if share:
-        assert res.shared_concat_ranges > 0 and all(len(s) == 1 for s in scales), scales
+    scales = concat_scales(out)  # the Concats still between DequantizeLinear and QuantizeLinear
+    if share:  # one range each: every quantized Concat was folded into a plain Concat of 8-bit tensors
+        assert res.shared_concat_ranges > 0 and not scales, scales
+        assert eight_bit_concats(out) == res.folded_concats > 0
     else:
         assert res.shared_concat_ranges == 0 and any(len(s) > 1 for s in scales), scales
+        assert res.folded_concats == eight_bit_concats(out) < len(scales)
+
+
+def test_folding_concats_changes_no_output(fp32, calib, tmp_path, monkeypatch):
+    import compression.quantize as quantize
+
+    unfolded = tmp_path / "unfolded.onnx"
+    monkeypatch.setattr(quantize, "fold_concat_qdq", lambda model: 0)
+    cfg = QuantConfig(calib_method="minmax", fallback_rounds=0)
+    ptq(fp32[1], unfolded, calib.numpy(), cfg, evaluate_fn=lambda p: 0.5, fp32_map=0.5, progress=False)
+    monkeypatch.undo()
+    model = onnx.load(str(unfolded))
+    before = len(model.graph.node)
+    folded = quantize.fold_concat_qdq(model)
+    assert folded > 0 and len(model.graph.node) < before - folded  # each fold drops a Q and its inputs' DQs
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "folded.onnx"))
+    x = calib.numpy()
+    assert np.array_equal(run(unfolded, x), run(tmp_path / "folded.onnx", x))
 
 
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
