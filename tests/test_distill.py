@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -124,9 +125,20 @@ def test_out_of_range_values_are_refused(kwargs, field):
         DistillConfig(**kwargs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_distill_epoch_on_cuda(tiny_yolov5, tiny_data):
+@pytest.mark.parametrize("qat", [False, True])
+def test_distill_and_qat_epochs_on_cuda_give_a_cpu_model_that_exports(tiny_yolov5, tiny_data, tmp_path, qat):
+    from compression.export import export_onnx
+    from compression.qat import prepare_qat, set_fake_quant
+
     data = load_data_config(tiny_data, ("train", "val"))
-    _, result = distill(tiny_yolov5, tiny_yolov5, data, DistillConfig(kd_epochs=1, batch=4, device="cuda"), 64,
-                        progress=False)
-    assert len(result.epochs) == 1
+    student = prepare_qat(tiny_yolov5, per_channel=True, calib=torch.rand(8, 3, 64, 64)) if qat else tiny_yolov5
+    trained, result = distill(student, tiny_yolov5, data, DistillConfig(kd_epochs=2, batch=4, device="cuda"), 64,
+                              progress=False)  # mixed precision on CUDA: fake-quant ops see float16 activations
+    assert len(result.epochs) == 2 and result.skipped_steps == 0
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in result.epochs), result.epochs
+    assert {p.device.type for p in trained.parameters()} == {"cpu"}
+    if qat:
+        set_fake_quant(trained, False)
+    export_onnx(trained, 64, tmp_path / "model.onnx")  # checks ONNX Runtime against torch on the CPU
