@@ -66,8 +66,9 @@ class ActQuant(nn.Module):
         if not self.enabled:
             return x
         grad = 1.0 / (x.numel() / x.shape[0] * QMAX) ** 0.5
+        # In float32 also under mixed precision (CUDA autocast hands float16 activations to this op).
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.scale.abs() + 1e-9, self.zero_point, 0, QMAX, grad)
+            x.float(), self.scale.abs() + 1e-9, self.zero_point, 0, QMAX, grad).to(x.dtype)
 
 
 class QuantConv(nn.Module):
