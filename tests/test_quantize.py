@@ -5,7 +5,7 @@ import torch
 
 from compression.export import export_onnx
 from compression.qat import learned_ranges, prepare_qat, set_fake_quant
-from compression.quantize import QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq
+from compression.quantize import QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq, space_to_depth_stem
 from compression.runtime import onnx_session
 
 IMGSZ = 64
@@ -103,6 +103,47 @@ def test_folding_concats_changes_no_output(fp32, calib, tmp_path, monkeypatch):
     assert np.array_equal(run(unfolded, x), run(tmp_path / "folded.onnx", x))
 
 
+def test_space_to_depth_stem_computes_the_same(fp32, calib, tmp_path):
+    from onnx import helper
+
+    model = onnx.load(str(fp32[1]))
+    stem = next(n for n in model.graph.node if n.input[0] == model.graph.input[0].name)
+    kernel = {a.name: helper.get_attribute_value(a) for a in stem.attribute}["kernel_shape"]
+    assert space_to_depth_stem(model) == [stem.name]  # 6x6/2 pad 2 (yolov5) and 3x3/2 pad 1 (ultralytics) alike
+    attrs = {a.name: helper.get_attribute_value(a) for a in stem.attribute}
+    assert attrs["strides"] == [1, 1] and attrs["kernel_shape"] == [(k + 1) // 2 for k in kernel]
+    assert next(n for n in model.graph.node if stem.input[0] in n.output).op_type == "SpaceToDepth"
+    onnx.checker.check_model(model)
+    reference = onnx.load(str(fp32[1]))
+    for i, m in enumerate((reference, model)):  # compare the stem's own output (the tiny models' final outputs
+        m.graph.output.insert(0, onnx.ValueInfoProto(name=stem.output[0]))  # hardly depend on the input)
+        onnx.save(m, str(tmp_path / f"{i}.onnx"))
+    x = calib.numpy()
+    ref, got = run(tmp_path / "0.onnx", x), run(tmp_path / "1.onnx", x)
+    assert ref.shape == got.shape and ref.std() > 0.1
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,pad", [(6, 2), (3, 1), (4, 1), (5, 2), (3, 0), (1, 0)])
+def test_space_to_depth_stem_matches_any_stride_2_convolution(kernel, pad, tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(kernel * 10 + pad)
+    w = rng.standard_normal((5, 3, kernel, kernel)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="stem", strides=[2, 2], pads=[pad] * 4,
+                          kernel_shape=[kernel, kernel])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    assert space_to_depth_stem(model) == ["stem"]
+    onnx.save(model, str(tmp_path / "s2d.onnx"))
+    x = rng.random((2, 3, 16, 12), dtype=np.float32)
+    np.testing.assert_allclose(run(tmp_path / "s2d.onnx", x), run(tmp_path / "conv.onnx", x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, granularity, method):
@@ -118,6 +159,9 @@ def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, gr
         if n.name in res.fp32_nodes and n.op_type in ("Sigmoid", "Concat", "Mul"):
             assert all(producers[i].op_type != "DequantizeLinear" for i in n.input if i in producers
                        and producers[i].op_type != "Constant"), n.name
+    stem = next(n for n in q.graph.node if n.op_type == "SpaceToDepth")  # the stem conv runs in INT8 ...
+    assert producers[stem.input[0]].op_type == "QuantizeLinear"  # ... and rearranges 8-bit values
+    assert res.space_to_depth and res.space_to_depth[0] not in res.fp32_nodes
     y, ref = run(out, calib.numpy()[:2]), run(fp32[1], calib.numpy()[:2])
     assert y.shape == ref.shape and np.isfinite(y).all()
     assert {m.key for m in q.metadata_props} >= {"names", "stride", "imgsz"}
@@ -179,3 +223,17 @@ def test_yolov5n_ptq_per_channel_keeps_its_accuracy(tmp_path):
               lambda p: evaluate(p, data, 640, progress=False).mAP50_95, fp32_map=0.3301, progress=False)
     assert res.rounds[0]["mAP50_95"] >= 0.315  # FP32 0.330; ONNX Runtime's defaults give 0.000
     assert int8.stat().st_size <= 0.35 * fp32.stat().st_size and int8_weight_count(int8) >= 50
+
+
+def test_pinned_resizes_change_no_output(fp32, calib, tmp_path):
+    from compression.quantize import pin_resize_layout
+
+    model = onnx.load(str(fp32[1]))
+    resizes = [n for n in model.graph.node if n.op_type == "Resize"]
+    assert pin_resize_layout(model) == len(resizes) > 0
+    producers = {o: n for n in model.graph.node for o in n.output}
+    assert all(producers[n.input[0]].op_type == "Reshape" for n in resizes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "pinned.onnx"))
+    x = calib.numpy()
+    assert np.array_equal(run(tmp_path / "pinned.onnx", x), run(fp32[1], x))
