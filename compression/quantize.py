@@ -6,7 +6,12 @@ every node with no convolution downstream of it, i.e. the head's decode (sigmoid
 concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold). When the INT8 model loses more than
 ``max_int8_drop`` mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time) are
 kept in FP32 as well and the model is quantized again, a bounded number of times. The inputs and output of each
-quantized Concat share one range (their union), so that ONNX Runtime's QLinearConcat copies instead of requantizing.
+quantized Concat share one range (their union), so that the Concat can move 8-bit values as they are.
+
+Graph rewrites for ONNX Runtime's CPU kernels, none of which changes what the model computes: the stride-2 stem
+convolution as SpaceToDepth + stride-1 convolution (:func:`space_to_depth_stem`), Resize kept in NCHW layout
+(:func:`pin_resize_layout`), and, after quantization, 8-bit Concats (:func:`fold_concat_qdq`) and the input's
+quantization before the SpaceToDepth (:func:`quantize_before_space_to_depth`).
 """
 
 from __future__ import annotations
@@ -91,9 +96,9 @@ def conv_nodes(model) -> list[str]:
 
 def boundary_convs(model, decode: list[str]) -> list[str]:
     """Convolutions worth keeping FP32 by position: those reading the graph input (3 image channels, where INT8's
-    im2col costs more than it saves; :func:`space_to_depth_stem` first rewrites the stride-2 ones) and those whose outputs feed only the decode (their INT8 output would be
-    dequantized at once). Measured on YOLOv5n at 640, 2 threads: INT8 with them quantized ran at 0.95-1.0x the FP32
-    latency, with them FP32 at 0.86-0.89x."""
+    im2col costs more than it saves; :func:`space_to_depth_stem` rewrites the stride-2 ones first) and those whose
+    outputs feed only the decode (their INT8 output would be dequantized at once). Measured on YOLOv5n at 640,
+    2 threads: INT8 with them quantized ran at 0.95-1.0x the FP32 latency, with them FP32 at 0.86-0.89x."""
     inputs = {i.name for i in model.graph.input}
     decode = set(decode)
     consumers: dict[str, list] = {}
@@ -214,7 +219,8 @@ def space_to_depth_stem(model) -> list[str]:
         weight = consts.get(node.input[1]) if shape else None
         if (weight is None or len(shape) != 4 or not all(d > 0 and d % 2 == 0 for d in shape[2:])
                 or attrs.get("strides") != [2, 2] or attrs.get("group", 1) != 1
-                or any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):
+                or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+                or attrs.get("auto_pad", b"NOTSET") != b"NOTSET"):
             nodes.append(node)
             continue
         w = numpy_helper.to_array(weight)
@@ -238,8 +244,8 @@ def space_to_depth_stem(model) -> list[str]:
                                       blocksize=2))
         node.input[0] = s2d
         del node.attribute[:]
-        node.attribute.extend([helper.make_attribute("kernel_shape", [ky, kx]), helper.make_attribute("strides", [1, 1]),
-                               helper.make_attribute("pads", new_pads)])
+        node.attribute.extend([helper.make_attribute("kernel_shape", [ky, kx]),
+                               helper.make_attribute("strides", [1, 1]), helper.make_attribute("pads", new_pads)])
         nodes.append(node)
         rewritten.append(node.name)
     if rewritten:
@@ -361,7 +367,8 @@ def _named_nodes(model) -> None:
 
 def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclude: list[str],
               only: list[str] | None = None) -> int:
-    """``quantize_static`` to QDQ, then :func:`fold_concat_qdq`; returns how many Concats that folded."""
+    """``quantize_static`` to QDQ, then :func:`fold_concat_qdq` and :func:`quantize_before_space_to_depth`;
+    returns how many Concats were folded."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
