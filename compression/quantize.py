@@ -366,9 +366,10 @@ def _named_nodes(model) -> None:
 
 
 def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclude: list[str],
-              only: list[str] | None = None) -> int:
-    """``quantize_static`` to QDQ, then :func:`fold_concat_qdq` and :func:`quantize_before_space_to_depth`;
-    returns how many Concats were folded."""
+              only: list[str] | None = None, rewrite: bool = True) -> int:
+    """``quantize_static`` to QDQ, then (with ``rewrite``) :func:`fold_concat_qdq` and
+    :func:`quantize_before_space_to_depth`; returns how many Concats were folded. Both rewrites are bit-exact, so
+    files only read for the calibration cache or for an output error skip them (``rewrite=False``)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -383,6 +384,8 @@ def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclu
         extra_options={"CalibMovingAverage": False, "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False,
                        "CalibStridedMinMax": 1},  # one batch at a time (see ImageReader)
     )
+    if not rewrite:
+        return 0
     model = onnx.load(str(dst))
     folded = fold_concat_qdq(model)
     if quantize_before_space_to_depth(model) or folded:
@@ -442,7 +445,7 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
         if fp32_map is None:
             fp32_map = evaluate_fn(src)
         if ranges or cfg.share_concat_ranges:  # calibrate every tensor first, then adjust the cached ranges
-            _quantize(src, tmp / "calibrated.onnx", cache, reader, cfg, decode + boundary)
+            _quantize(src, tmp / "calibrated.onnx", cache, reader, cfg, decode + boundary, rewrite=False)
             if ranges:  # the ranges QAT learned, over the calibrated ones (SpaceToDepth only moves values)
                 ranges = {**ranges, **{n.output[0]: ranges[n.input[0]] for n in model.graph.node
                                        if n.op_type == "SpaceToDepth" and n.input[0] in ranges}}
@@ -468,7 +471,7 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
                 sensitivity = {}
                 for name in tqdm(convs, desc="sensitivity", disable=not progress, leave=False):
                     single = tmp / "single.onnx"
-                    _quantize(src, single, cache, None, cfg, decode + boundary, only=[name])
+                    _quantize(src, single, cache, None, cfg, decode + boundary, only=[name], rewrite=False)
                     sensitivity[name] = output_error(src, single, probe, imgsz)
             ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
             fallback = ranked[:3 * 2 ** round_]
