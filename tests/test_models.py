@@ -1,3 +1,4 @@
+import copy
 import os
 import pickle
 
@@ -27,6 +28,20 @@ def test_original_yolov5_checkpoint_round_trips(tiny_yolov5, tmp_path):
     x = torch.rand(1, 3, 64, 64)
     ref = tiny_yolov5.half().float()(x)  # the checkpoint stores FP16 weights
     torch.testing.assert_close(model(x), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_original_checkpoint_keeps_its_batchnorm_eps_and_momentum(tiny_yolov5, tmp_path):
+    source = copy.deepcopy(tiny_yolov5)
+    for m in source.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps, m.momentum = 1e-3, 0.03  # what YOLOv5 trains with (torch's defaults are 1e-5 / 0.1)
+    model = load_model(write_yolov5_checkpoint(source, tmp_path / "v5.pt"))
+    assert {(m.eps, m.momentum) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {(1e-3, 0.03)}
+
+
+def test_ultralytics_models_use_yolov5_batchnorm_settings(tiny_ultralytics):
+    assert {(m.eps, m.momentum) for m in tiny_ultralytics.modules() if isinstance(m, torch.nn.BatchNorm2d)} \
+        == {(1e-3, 0.03)}
 
 
 def test_eval_output_is_decoded_boxes_and_confidences(tiny_yolov5, tiny_ultralytics):
@@ -117,3 +132,4 @@ def test_real_yolov5n_loads():
     assert model.nc == 80 and model.names[0] == "person"
     assert sum(p.numel() for p in model.parameters()) == 1_872_157
     assert model.stride.tolist() == [8.0, 16.0, 32.0]
+    assert {(m.eps, m.momentum) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {(1e-3, 0.03)}
