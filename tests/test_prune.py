@@ -1,10 +1,19 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from compression.export import export_onnx
 from compression.models import head_output_convs
-from compression.prune import PruneConfig, prune, reconstruct_
+from compression.prune import (PruneConfig, Structure, _Groups, _output_error, _zero_channels, allocate,
+                               apply_structure, detection_error, prune, raw_outputs, reconstruct_, residual_blocks)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(0)
+    return torch.rand(4, 3, 64, 64)
 
 
 def conv_widths(model):
@@ -12,26 +21,63 @@ def conv_widths(model):
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
-def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, importance):
-    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, importance=importance), imgsz=64)
-    assert result.params_after < 0.8 * result.params_before and result.macs_after < result.macs_before
+def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, images, importance):
+    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, importance=importance, rounds=1), 64, images)
+    assert result.params_after < 0.85 * result.params_before and result.macs_after < result.macs_before
     assert small(torch.rand(1, 3, 64, 64)).shape == tiny_yolov5(torch.rand(1, 3, 64, 64)).shape
 
 
+@pytest.mark.parametrize("method", ["channels", "both"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.3])
+def test_allocation_reaches_the_macs_target_and_keeps_widths(tiny_yolov5, images, method, sparsity):
+    small, result = prune(tiny_yolov5, PruneConfig(sparsity=sparsity, method=method, rounds=2, min_channels=16),
+                          64, images)
+    assert abs(result.macs_after / result.macs_before - (1 - sparsity)) <= 0.02, result.rounds
+    assert [r["target_macs"] for r in result.rounds] == pytest.approx([1 - sparsity / 2, 1 - sparsity], abs=1e-6)
+    assert [c.out_channels for c in head_output_convs(small)] == [21, 21, 21]
+    widths = [w for w in conv_widths(small) if w != 21]
+    assert min(widths) >= 16 and all(w % 8 == 0 for w in widths)  # the tiny model's widths allow multiples of 8
+
+
+def test_the_least_sensitive_cut_is_taken_first():
+    groups = [{"counts": [8, 16], "macs_per_channel": 10, "blocks": ["a.cv1"]},
+              {"counts": [8, 16], "macs_per_channel": 10, "blocks": ["b.cv1"]}]
+    counts, blocks = allocate(groups, [[5.0, 9.0], [0.1, 0.3]], {}, {}, need=100)
+    assert counts == {1: 16} and blocks == []  # 160 MACs at error 0.3, not group 0's 80 at 5.0
+    counts, blocks = allocate(groups, [[5.0, 9.0], [1.0, 2.0]], {"b": 100}, {"b": 0.5}, need=100)
+    assert counts == {} and blocks == ["b"]  # the block alone saves enough, for the least error
+    counts, blocks = allocate(groups, [[5.0, 9.0], [3.0, 4.0]], {"b": 90}, {"b": 0.5}, need=150)
+    assert blocks == ["b"] and counts == {0: 8}  # group 1 went with the block; group 0 adds the rest
+
+
+def test_masked_sensitivity_equals_the_error_of_the_pruned_model(tiny_yolov5, images):
+    """Zeroing a group's channels after their Conv blocks computes exactly what removing them computes."""
+    model = copy.deepcopy(tiny_yolov5)
+    groups = _Groups(model, PruneConfig(sparsity=0.2), 64, {})
+    g = max(groups.groups, key=lambda g: len(g["blocks"]))  # a residual stream: several Conv blocks coupled
+    count = g["counts"][0]
+    reference = [raw_outputs(model, images)]
+    masked = _output_error(model, images, reference, {b: _zero_channels(i) for b, i in groups.masks(g, count).items()})
+    groups.removal(g, count).prune()
+    pruned = float(detection_error(raw_outputs(model, images), reference[0]))
+    assert masked > 0 and masked == pytest.approx(pruned, rel=1e-4, abs=1e-6)
+
+
+def test_blocks_are_removed_and_onnx_still_equals_torch(tiny_yolov5, images, tmp_path):
+    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.05, method="blocks", rounds=1), 64, images)
+    removed = result.structure.removed_blocks
+    assert removed and all(isinstance(small.get_submodule(n), nn.Identity) for n in removed)
+    assert set(removed) <= set(residual_blocks(tiny_yolov5)) and not result.structure.kept
+    export_onnx(small, 64, tmp_path / "blocks.onnx")  # raises if ONNX Runtime differs from torch
+
+
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
-def test_pruned_onnx_matches_torch_and_is_smaller(fixture, request, tmp_path):
+def test_pruned_onnx_matches_torch_and_is_smaller(fixture, request, images, tmp_path):
     model = request.getfixturevalue(fixture)
-    small, _ = prune(model, PruneConfig(sparsity=0.25), imgsz=64)
+    small, _ = prune(model, PruneConfig(sparsity=0.25, method="both", rounds=2), 64, images)
     full = export_onnx(model, 64, tmp_path / "full.onnx")
     pruned = export_onnx(small, 64, tmp_path / "pruned.onnx")  # raises if ONNX differs from torch
-    assert pruned.size_mb < 0.85 * full.size_mb
-
-
-def test_head_outputs_and_minimum_width_are_kept(tiny_yolov5):
-    small, _ = prune(tiny_yolov5, PruneConfig(sparsity=0.5, round_to=8, min_channels=16), imgsz=64)
-    assert [c.out_channels for c in head_output_convs(small)] == [21, 21, 21]
-    assert min(conv_widths(small)) >= 16
-    assert all(w % 8 == 0 for w in conv_widths(small) if w != 21)
+    assert pruned.size_mb < 0.9 * full.size_mb
 
 
 def test_zero_sparsity_is_an_exact_copy(tiny_yolov5):
@@ -42,34 +88,53 @@ def test_zero_sparsity_is_an_exact_copy(tiny_yolov5):
 
 
 @pytest.mark.parametrize("kwargs, field", [({"sparsity": 0.95}, "sparsity"), ({"sparsity": -0.1}, "sparsity"),
-                                           ({"importance": "taylor"}, "importance")])
+                                           ({"importance": "taylor"}, "importance"), ({"method": "layers"}, "method"),
+                                           ({"rounds": 0}, "rounds")])
 def test_out_of_range_values_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         PruneConfig(**kwargs)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
-def test_kept_channels_name_the_teachers_channels(fixture, request):
+def test_kept_channels_name_the_teachers_channels_across_rounds(fixture, request, images):
     model = request.getfixturevalue(fixture)
-    small, _ = prune(model, PruneConfig(sparsity=0.25), imgsz=64)
-    bns = dict(small.named_modules())
-    assert small.kept_channels
-    for name, kept in small.kept_channels.items():
-        assert len(kept) == bns[name].num_features and kept == sorted(set(kept))
-        teacher_bn = dict(model.named_modules())[name]
-        assert torch.equal(bns[name].running_mean, teacher_bn.running_mean[kept])  # the same channels, in order
+    small, result = prune(model, PruneConfig(sparsity=0.3, rounds=3), 64, images)
+    kept, bns, teacher = result.structure.kept, dict(small.named_modules()), dict(model.named_modules())
+    assert kept and len(result.rounds) == 3
+    for name, channels in kept.items():
+        assert len(channels) == bns[name].num_features and channels == sorted(set(channels))
+        assert torch.equal(bns[name].running_mean, teacher[name].running_mean[channels])  # the same, in order
 
 
-def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yolov5):
+@pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
+def test_the_structure_rebuilds_the_student(fixture, request, images):
+    """What the student cache stores (the structure and the tensors) gives back the same model."""
+    model = request.getfixturevalue(fixture)
+
+    def perturb(student, structure, step):  # stands for training between rounds: weights change, shapes do not
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        return student
+
+    small, result = prune(model, PruneConfig(sparsity=0.3, method="both", rounds=2), 64, images, recover=perturb)
+    again = apply_structure(model, Structure(**vars(result.structure)))
+    again.load_state_dict(small.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(again.eval()(x), small.eval()(x))
+
+
+def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yolov5, images):
     from compression.distill import FeatureTaps
 
     torch.manual_seed(0)
     teacher = tiny_yolov5.eval()
     fit, held_out = torch.rand(16, 3, 64, 64), torch.rand(4, 3, 64, 64)
-    small, _ = prune(teacher, PruneConfig(sparsity=0.25), imgsz=64)
+    small, result = prune(teacher, PruneConfig(sparsity=0.25, rounds=1), 64, images)
+    kept = result.structure.kept
 
     def feature_error(student):
-        taps = FeatureTaps(student, teacher)
+        taps = FeatureTaps(student, teacher, kept)
         with torch.no_grad():
             student.eval()(held_out)
             teacher(held_out)
@@ -78,7 +143,7 @@ def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yo
         return err
 
     before = feature_error(small)
-    reconstruct_(small, teacher, fit, progress=False)
+    reconstruct_(small, teacher, fit, kept, progress=False)
     assert feature_error(small) < 0.8 * before
 
 
@@ -116,9 +181,8 @@ def test_reconstruction_offset_replaces_what_a_removed_channel_added_on_average(
                              for k, v in teacher.state_dict().items() if not k.startswith("b.conv")}, strict=False)
     with torch.no_grad():
         student.b.conv.weight.copy_(teacher.b.conv.weight[:, :3])
-    student.kept_channels = {"a.bn": [0, 1, 2]}
     x = torch.rand(8, 3, 16, 16)
-    reconstruct_(student, teacher, x, progress=False, bias=bias, ridge=1e-6)
+    reconstruct_(student, teacher, x, {"a.bn": [0, 1, 2]}, progress=False, bias=bias, ridge=1e-6)
     with torch.no_grad():
         err = (student(x) - teacher(x)).abs().max().item()
     assert (err < 1e-3) if bias else (err > 0.05), err
