@@ -9,6 +9,8 @@ directory), so a dataset folder can be moved as a whole.
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from pathlib import Path
 
 import yaml
@@ -199,10 +201,40 @@ def letterbox(img, imgsz: int):
     return torch.from_numpy(chw).float().unsqueeze(0) / 255
 
 
+def _list_file(files: list[Path]) -> str:
+    """A list file of image paths (what ultralytics' datasets read as a split), in the cache, named by its content."""
+    text = "\n".join(str(f) for f in files) + "\n"
+    path = cache_dir() / "splits" / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.txt"
+    if not path.is_file():
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return str(path)
+
+
+def holdout_split(data: dict, count: int, seed: int = 0) -> tuple[dict, dict | None]:
+    """Split the train split into (train, held-out) dataset configs; ``count`` images (a seeded choice) are held out.
+
+    The held-out images are only ever evaluated, never trained on: checkpoints, epochs and fallback rounds are chosen
+    on them (as the held-out config's ``val``), so the val split whose mAP is reported stays out of every choice.
+    A tiny train split keeps at least three quarters of its images to train on.
+
+    Example:
+        >>> train, held = holdout_split(load_data_config("coco1k.yaml", ("train", "val")), 64)
+        >>> evaluate(model, held, 640)  # mAP on 64 train images that training never sees
+    """
+    files = split_images(data, "train")
+    count = min(count, len(files) // 4)
+    if count <= 0:
+        return data, None
+    held = set(random.Random(seed).sample(range(len(files)), count))
+    train = _list_file([f for i, f in enumerate(files) if i not in held])
+    return {**data, "train": train}, {**data, "val": _list_file([files[i] for i in sorted(held)])}
+
+
 def train_images(data: dict, count: int, imgsz: int, seed: int = 0):
     """``count`` images of the train split (a seeded random choice), letterboxed: ``[count, 3, imgsz, imgsz]``."""
-    import random
-
     import torch
 
     files = split_images(data, "train")

@@ -15,21 +15,28 @@ student/teacher train-mode outputs seen through :func:`compression.models.raw_vi
     feat = mean_l mean((s_l - t_l[kept_l])^2) / mean(t_l^2)      (beta = kd_feature)
 
 with ``s_l``/``t_l`` the outputs of every Conv block ``l`` (conv, BN, activation) and ``kept_l`` the teacher channels
-the pruned student kept there (recorded by :func:`compression.prune.prune`; all of them when unpruned), over all
+the pruned student kept there (``Structure.kept`` from :func:`compression.prune.prune`; all of them when unpruned),
+over all
 anchors ``a`` of the batch. Class logits are weighted by the teacher's objectness because YOLOv5 trains them only on
 object anchors; box regression is pulled towards the teacher where the teacher is confident; the feature term gives
 every pruned layer a dense target. Unlike the task losses, kd_loss is not multiplied by the batch size: measured on
 YOLOv5n pruned by 0.2, its gradient norm is then ~18 (outputs) and ~6 (features) against ~11 for the task loss,
 instead of ~30x the clipping norm (10), where every step was clipped to almost nothing.
+
+The budget is counted in optimizer steps, not epochs of whatever the train split holds. Images go through
+ultralytics' augmentation at the deployment size (mosaic, scale 0.5, flips, HSV: YOLOv5's fine-tuning defaults) and
+are trained on as random ``crop`` x ``crop`` windows: objects keep the scale they have at ``imgsz``, a step costs a
+quarter of a whole 640 px image. Warm-up ramps the LR from 0 and the momentum from 0.8 to 0.937 (YOLOv5's), then
+the LR follows one cosine down to 1 %.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -45,42 +52,46 @@ from compression.runtime import select_device
 
 @dataclass
 class DistillConfig:
-    kd_epochs: int = 10  # passes over the train split, 0 = no training
+    steps: int = 0  # optimizer steps of ``batch`` images each, 0 = no training
     kd_temperature: float = 4.0  # softening of teacher and student logits, 1 <= T <= 20
     kd_alpha: float = 0.7  # weight of kd_loss against the task loss, 0..1 (1 = distillation only, no labels needed)
-    lr: float = 0.001  # peak learning rate, 0 < lr <= 1
+    lr: float = 0.003  # peak learning rate, 0 < lr <= 1
     freeze_bn: bool = True  # BN layers use their running statistics while training (small-data fine-tuning)
     optimizer: str = "sgd"  # "sgd" (nesterov, momentum 0.937) | "adamw" (betas 0.937/0.999)
     batch: int = 16  # images per step
-    warmup_epochs: float = 1.0  # linear LR warm-up, in epochs
-    mosaic: float = 0.0  # ultralytics mosaic probability for the train split, 0..1
+    warmup_steps: int = 100  # linear LR warm-up (and momentum 0.8 -> 0.937), at most a quarter of the run
+    mosaic: float = 1.0  # ultralytics mosaic probability for the train split, 0..1 (scale 0.5, flips, HSV as well)
+    crop: int = 320  # side of the random crop each image is trained on (0 = whole images): same object scale as
+    # at imgsz, a quarter of the compute at 640
     kd_feature: float = 1.0  # weight of the per-layer feature term inside kd_loss, >= 0
     kd_images: str | None = None  # extra folder of unlabeled images; on them only kd_loss counts
-    train_imgsz: int = 0  # training image size (0 = the evaluation size); smaller = more steps per CPU minute
+    evals: int = 4  # held-out evaluations over the run (the best checkpoint, or the input, is kept); 0 = keep the last
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda[:N]
     workers: int = 2  # dataloader workers
     seed: int = 0
 
     def __post_init__(self):
-        checks = {"kd_epochs": 0 <= self.kd_epochs <= 1000, "kd_temperature": 1 <= self.kd_temperature <= 20,
-                  "kd_alpha": 0 <= self.kd_alpha <= 1, "lr": 0 < self.lr <= 1, "batch": 1 <= self.batch <= 1024,
-                  "warmup_epochs": 0 <= self.warmup_epochs, "kd_feature": 0 <= self.kd_feature,
-                  "mosaic": 0 <= self.mosaic <= 1, "train_imgsz": 0 <= self.train_imgsz <= 4096}
-        ranges = {"kd_epochs": "0..1000", "kd_temperature": "1..20", "kd_alpha": "0..1", "lr": "(0, 1]",
-                  "batch": "1..1024", "warmup_epochs": ">= 0", "kd_feature": ">= 0", "mosaic": "0..1",
-                  "train_imgsz": "0..4096"}
+        checks = {"steps": (0 <= self.steps <= 1_000_000, "0..1000000"),
+                  "kd_temperature": (1 <= self.kd_temperature <= 20, "1..20"),
+                  "kd_alpha": (0 <= self.kd_alpha <= 1, "0..1"), "lr": (0 < self.lr <= 1, "(0, 1]"),
+                  "batch": (1 <= self.batch <= 1024, "1..1024"), "warmup_steps": (0 <= self.warmup_steps, ">= 0"),
+                  "kd_feature": (0 <= self.kd_feature, ">= 0"), "mosaic": (0 <= self.mosaic <= 1, "0..1"),
+                  "crop": (0 <= self.crop <= 4096, "0..4096"),
+                  "evals": (0 <= self.evals <= 1000, "0..1000")}
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be one of ('sgd', 'adamw'), got {self.optimizer!r}")
-        for name, ok in checks.items():
+        for name, (ok, allowed) in checks.items():
             if not ok:
-                raise ValueError(f"{name} must be in {ranges[name]}, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be in {allowed}, got {getattr(self, name)}")
 
 
 @dataclass
 class DistillResult:
-    epochs: list[dict] = field(default_factory=list)  # per epoch: epoch, loss, mAP50, mAP50_95, seconds
-    best_epoch: int = 0  # 0 = the untrained input stayed best
-    start_mAP50_95: float | None = None  # val mAP of the input, before training
+    evals: list[dict] = field(default_factory=list)  # per held-out evaluation: step, loss, mAP50, mAP50_95, seconds
+    best_step: int = 0  # 0 = the untrained input stayed best
+    start_mAP50_95: float | None = None  # held-out mAP of the input, before training
+    steps: int = 0
+    images: int = 0  # training images seen (labeled and unlabeled)
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
     seconds: float = 0.0
 
@@ -100,10 +111,10 @@ def _width(block: nn.Module) -> int:
 class FeatureTaps:
     """Forward hooks on the Conv blocks of a student and its teacher, and the feature term between them."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module, kept: dict[str, list[int]] | None = None):
         from ultralytics.nn.modules import Conv
 
-        kept = getattr(student, "kept_channels", {})
+        kept = kept or {}
         t_mods = dict(teacher.named_modules())
         self.pairs, self.out, self.handles = [], {}, []
         for name, m in student.named_modules():
@@ -162,78 +173,108 @@ def kd_loss(student: dict, teacher: dict, temperature: float, feat: torch.Tensor
 
 def _optimizer(model: nn.Module, lr: float, kind: str = "sgd") -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases
     groups = [{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}]
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=(0.937, 0.999))
     return torch.optim.SGD(groups, lr=lr, momentum=0.937, nesterov=True)
 
 
-def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConfig, imgsz: int = 640,
-            on_epoch: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[nn.Module, DistillResult]:
-    """Train a copy of ``student`` on ``data``'s train split against the frozen ``teacher``; keep the best epoch.
+def crop_batch(batch: dict, size: int, generator: torch.Generator) -> dict:
+    """A random ``size`` x ``size`` window of each image of an ultralytics batch, with its boxes cut to the window.
 
-    After each epoch the EMA weights are evaluated on the val split and ``on_epoch({"epoch", "loss", "mAP50",
-    "mAP50_95", "seconds"})`` is called (the NNI trial reports it as an intermediate result).
+    A box is kept when at least 40 % of its area lies inside (YOLOv5's affine augmentation uses a similar rule).
+    """
+    img = batch["img"]
+    n, _, h, w = img.shape
+    if size >= min(h, w):
+        return batch
+    ys = torch.randint(0, h - size + 1, (n,), generator=generator)
+    xs = torch.randint(0, w - size + 1, (n,), generator=generator)
+    out = dict(batch, img=torch.stack([img[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(zip(ys, xs))]))
+    if "bboxes" not in batch or not len(batch["bboxes"]):
+        return out
+    idx = batch["batch_idx"].long()
+    box = batch["bboxes"] * torch.tensor([w, h, w, h], dtype=batch["bboxes"].dtype)
+    x1y1, x2y2 = box[:, :2] - box[:, 2:] / 2, box[:, :2] + box[:, 2:] / 2
+    offset = torch.stack((xs[idx], ys[idx]), 1).to(box.dtype)
+    c1, c2 = (x1y1 - offset).clamp(0, size), (x2y2 - offset).clamp(0, size)
+    inside = (c2 - c1).prod(1)
+    keep = (inside >= 0.4 * box[:, 2:].prod(1).clamp(min=1e-9)) & ((c2 - c1) >= 2).all(1)
+    xywh = torch.cat(((c1 + c2) / 2, c2 - c1), 1)[keep] / size
+    out.update(bboxes=xywh, cls=batch["cls"][keep], batch_idx=batch["batch_idx"][keep])
+    return out
+
+
+def _forever(loader):
+    """Batches without end: a new shuffled pass each time the loader is exhausted."""
+    while True:
+        yield from loader
+
+
+def _freeze_bn_(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConfig, imgsz: int = 640,
+            kept: dict[str, list[int]] | None = None, holdout: dict | None = None,
+            on_eval: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[nn.Module, DistillResult]:
+    """Train a copy of ``student`` for ``cfg.steps`` steps against the frozen ``teacher``; keep the best checkpoint.
+
+    Training reads ``data``'s train split. With ``holdout`` (a dataset config whose val split is held-out train
+    images, :func:`holdout_split`), ``cfg.evals`` times over the run the EMA weights are evaluated there at
+    ``imgsz`` and ``on_eval({"step", "loss", "mAP50", "mAP50_95", "seconds"})`` is called (the NNI trial reports it
+    as an intermediate result); the best of these checkpoints and the untrained input is returned. Without it, the
+    last EMA weights. ``data``'s val split is never read here.
 
     Args:
         student: the model to train (left unchanged; a trained copy is returned).
         teacher: the unpruned FP32 model, frozen.
-        data: a dataset config from :func:`compression.data.load_data_config`.
-        cfg: epochs, KD temperature and weight, optimiser settings.
+        data: a dataset config from :func:`compression.data.load_data_config` (its train split is trained on).
+        cfg: steps, KD temperature and weight, optimiser and augmentation settings.
+        imgsz: the deployment size: images are augmented at it, trained on as ``cfg.crop`` crops, evaluated at it.
+        kept: BatchNorm name -> the teacher channels the student kept (:class:`compression.prune.Structure`).
+        holdout: where checkpoints are chosen; never trained on.
 
     Example:
-        >>> small, result = distill(pruned, model, load_data_config("coco128.yaml"), DistillConfig(kd_epochs=10))
+        >>> small, result = distill(pruned, model, load_data_config("coco1k.yaml"), DistillConfig(steps=600))
     """
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils import DEFAULT_CFG
     from ultralytics.utils.torch_utils import ModelEMA
 
     t0 = time.perf_counter()
     result = DistillResult()
     student = copy.deepcopy(student)
-    if cfg.kd_epochs == 0:
+    if cfg.steps == 0:
         return student, result
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     student = student.to(device).float()
     teacher = copy.deepcopy(teacher).to(device).float().train()  # train mode: raw outputs; BN frozen below
-    for m in teacher.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.eval()
+    _freeze_bn_(teacher)
     teacher.requires_grad_(False)
-
-    hyp = get_cfg(DEFAULT_CFG, {"mosaic": cfg.mosaic, "close_mosaic": 0})
-    stride = int(max(student.stride))
-    train_size = max(stride, round((cfg.train_imgsz or imgsz) / stride) * stride)
-    # kd_alpha = 1 needs no labels: the train split is then read as images alone.
-    loader = build_loader(build_dataset(data, "train", train_size, augment=True, batch=cfg.batch, stride=stride,
-                                        hyp=hyp, unlabeled=cfg.kd_alpha == 1),
-                          cfg.batch, shuffle=True, workers=cfg.workers)
-    unlabeled = None
-    if cfg.kd_images:
-        extra = {**data, "train": cfg.kd_images}
-        unlabeled = itertools.cycle(build_loader(
-            build_dataset(extra, "train", train_size, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
-                          unlabeled=True), cfg.batch, shuffle=True, workers=cfg.workers))
-    criterion = task_loss(student, train_size)
+    holdout = holdout if cfg.evals else None
+    batches = _batches(data, cfg, imgsz, int(max(student.stride)))
+    unlabeled = _batches({**data, "train": cfg.kd_images}, cfg, imgsz, int(max(student.stride)), True) \
+        if cfg.kd_images else None
+    criterion = task_loss(student, cfg.crop or imgsz)
     optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
-    steps = cfg.kd_epochs * len(loader)
-    warmup = max(1, round(cfg.warmup_epochs * len(loader))) if cfg.warmup_epochs else 0
-    # ultralytics' EMA ramps its decay up to 0.9999 over ~2000 steps; a recovery run is often under 100 steps,
+    warmup = min(cfg.warmup_steps, cfg.steps // 4)
+    # ultralytics' EMA ramps its decay up to 0.9999 over ~2000 steps; a recovery run is often a few hundred steps,
     # so average over about a fifth of the run instead.
-    ema = ModelEMA(student, decay=min(0.9999, 1 - 5 / steps), tau=max(1, steps / 10))
-    taps = FeatureTaps(student, teacher) if cfg.kd_feature and cfg.kd_alpha else None  # after the EMA copy
+    ema = ModelEMA(student, decay=min(0.9999, 1 - 5 / cfg.steps), tau=max(1, cfg.steps / 10))
+    taps = FeatureTaps(student, teacher, kept) if cfg.kd_feature and cfg.kd_alpha else None  # after the EMA copy
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-
-    def lr_at(step: int) -> float:
-        cosine = 0.01 + 0.99 * (1 + math.cos(math.pi * step / steps)) / 2  # one cycle down to 1% of lr
-        return cfg.lr * cosine * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
 
     def step_loss(batch, labeled: bool) -> torch.Tensor:
+        batch = crop_batch(batch, cfg.crop, gen) if cfg.crop else batch
         img = batch["img"].to(device, non_blocking=True).float() / 255
+        result.images += len(img)
         with torch.autocast(device.type, enabled=amp):
             raw = student(img)
             with torch.no_grad():
@@ -245,49 +286,67 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             task, _ = criterion(raw, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
             return (1 - cfg.kd_alpha) * task + cfg.kd_alpha * kd
 
-    # The input is a candidate too: a short run on few images can end below where it started.
-    start = evaluate(student, data, imgsz, batch=cfg.batch, device=str(device), progress=False)
-    result.start_mAP50_95 = start.mAP50_95
-    best_map, best_state, step = start.mAP50_95, copy.deepcopy(student.state_dict()), 0
-    for epoch in range(1, cfg.kd_epochs + 1):
+    def evaluate_checkpoint(model, step, loss):
+        metrics = evaluate(model, holdout, imgsz, batch=cfg.batch, device=str(device), progress=False)
+        record = {"step": step, "loss": loss, "mAP50": metrics.mAP50, "mAP50_95": metrics.mAP50_95,
+                  "seconds": time.perf_counter() - t0}
+        return record
+
+    best_map, best_state = -1.0, None
+    if holdout is not None:  # the input is a candidate too: a short run on few images can end below where it started
+        result.start_mAP50_95 = best_map = evaluate_checkpoint(student, 0, None)["mAP50_95"]
+        best_state = copy.deepcopy(student.state_dict())
+    marks = {max(1, round(cfg.steps * (i + 1) / cfg.evals)) for i in range(cfg.evals)} if holdout is not None else set()
+    running, bar = 0.0, tqdm(range(1, cfg.steps + 1), desc="distill", disable=not progress, leave=False)
+    for step in bar:
         student.train()
         if cfg.freeze_bn:  # keep BN running statistics (the teacher's, for the kept channels); affine still trains
-            for m in student.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        e0, total = time.perf_counter(), 0.0
-        bar = tqdm(loader, desc=f"distill {epoch}/{cfg.kd_epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step)
-            loss = step_loss(batch, labeled=True)
-            if unlabeled is not None:
-                loss = loss + step_loss(next(unlabeled), labeled=False)
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if not torch.isfinite(loss):  # a diverging step must not poison the weights (seen at lr 0.01)
-                result.skipped_steps += 1
-                continue
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if not torch.isfinite(nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)) and not amp:
-                result.skipped_steps += 1
-                continue
-            scaler.step(optimizer)
-            scaler.update()
-            ema.update(student)
-            total += loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics = evaluate(ema.ema, data, imgsz, batch=cfg.batch, device=str(device), progress=False)
-        record = {"epoch": epoch, "loss": total / len(loader), "mAP50": metrics.mAP50,
-                  "mAP50_95": metrics.mAP50_95, "seconds": time.perf_counter() - e0}
-        result.epochs.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if metrics.mAP50_95 > best_map:
-            best_map, best_state, result.best_epoch = metrics.mAP50_95, copy.deepcopy(ema.ema.state_dict()), epoch
+            _freeze_bn_(student)
+        ramp = min(1.0, step / warmup) if warmup else 1.0
+        cosine = 0.01 + 0.99 * (1 + math.cos(math.pi * (step - 1) / cfg.steps)) / 2  # one cycle down to 1% of lr
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * cosine * ramp
+            if "momentum" in g:
+                g["momentum"] = 0.8 + (0.937 - 0.8) * ramp  # YOLOv5's warm-up momentum
+        loss = step_loss(next(batches), labeled=True)
+        if unlabeled is not None:
+            loss = loss + step_loss(next(unlabeled), labeled=False)
+        optimizer.zero_grad(set_to_none=True)
+        result.steps = step
+        if not torch.isfinite(loss):  # a diverging step must not poison the weights (seen at lr 0.01)
+            result.skipped_steps += 1
+            continue
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if not torch.isfinite(nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)) and not amp:
+            result.skipped_steps += 1
+            continue
+        scaler.step(optimizer)
+        scaler.update()
+        ema.update(student)
+        running = loss.item() if step == 1 else 0.95 * running + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{running:.3f}")
+        if step in marks:
+            record = evaluate_checkpoint(ema.ema, step, running)
+            result.evals.append(record)
+            if on_eval:
+                on_eval(record)
+            if record["mAP50_95"] > best_map:
+                best_map, best_state, result.best_step = record["mAP50_95"], copy.deepcopy(ema.ema.state_dict()), step
     if taps:
         taps.remove()
-    student.load_state_dict(best_state)
+    student.load_state_dict(best_state if best_state is not None else ema.ema.state_dict())
     result.seconds = time.perf_counter() - t0
     return student.cpu().eval(), result
+
+
+def _batches(data: dict, cfg: DistillConfig, imgsz: int, stride: int, unlabeled: bool = False):
+    """Endless augmented batches of ``data``'s train split at ``imgsz`` (ultralytics' pipeline, images in RAM)."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils import DEFAULT_CFG
+
+    hyp = get_cfg(DEFAULT_CFG, {"mosaic": cfg.mosaic, "close_mosaic": 0})
+    # kd_alpha = 1 needs no labels: the train split is then read as images alone.
+    dataset = build_dataset(data, "train", imgsz, augment=True, batch=cfg.batch, stride=stride, hyp=hyp,
+                            unlabeled=unlabeled or cfg.kd_alpha == 1)
+    return _forever(build_loader(dataset, cfg.batch, shuffle=True, workers=cfg.workers))

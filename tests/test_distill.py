@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from compression.data import build_dataset, build_loader, load_data_config
-from compression.distill import DistillConfig, distill, kd_loss
+from compression.data import build_dataset, build_loader, holdout_split, load_data_config, split_images
+from compression.distill import DistillConfig, crop_batch, distill, kd_loss
 from compression.models import YOLOv5Loss, raw_view, task_loss
-from compression.prune import PruneConfig, prune
+from compression.prune import PruneConfig, prune, raw_outputs
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_kd_loss_is_zero_for_the_teacher_and_a_step_lowers_it(fixture, request, 
     teacher = copy.deepcopy(request.getfixturevalue(fixture)).train()
     t_view = {k: (v.detach() if v is not None else None) for k, v in raw_view(teacher, teacher(_img(batch))).items()}
     assert kd_loss(t_view, t_view, 4.0).abs().item() < 1e-4
-    student, _ = prune(teacher.eval(), PruneConfig(sparsity=0.3), imgsz=64)
+    student, _ = prune(teacher.eval(), PruneConfig(sparsity=0.3, rounds=1), 64, _img(batch))
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=0.001, momentum=0.9)
     losses = []
@@ -79,47 +79,97 @@ def test_kd_loss_is_zero_for_the_teacher_and_a_step_lowers_it(fixture, request, 
     assert losses[-1] < losses[0]
 
 
-def test_distill_reports_epochs_and_keeps_the_input_unchanged(tiny_yolov5, tiny_data):
+def test_distill_reports_evaluations_and_keeps_the_input_unchanged(tiny_yolov5, tiny_data):
     data = load_data_config(tiny_data, ("train", "val"))
+    train, holdout = holdout_split(data, 2)
     before = copy.deepcopy(tiny_yolov5.state_dict())
     seen = []
-    student, result = distill(tiny_yolov5, tiny_yolov5, data, DistillConfig(kd_epochs=2, batch=4, workers=0,
-                                                                           device="cpu"), 64,
-                              on_epoch=seen.append, progress=False)
-    assert [e["epoch"] for e in seen] == [1, 2] and result.epochs == seen
-    assert 1 <= result.best_epoch <= 2
+    cfg = DistillConfig(steps=4, evals=2, batch=4, workers=0, device="cpu", crop=0)
+    student, result = distill(tiny_yolov5, tiny_yolov5, train, cfg, 64, holdout=holdout, on_eval=seen.append,
+                              progress=False)
+    assert [e["step"] for e in seen] == [2, 4] and result.evals == seen
+    # 8 train images less 2 held out = 6 per pass: batches of 4, 2, 4, 2
+    assert result.best_step in (0, 2, 4) and result.steps == 4 and result.images == 12
     assert all(torch.equal(v, tiny_yolov5.state_dict()[k]) for k, v in before.items())
     assert student(torch.rand(1, 3, 64, 64)).shape[1] == 6
 
 
+def test_checkpoints_are_chosen_on_held_out_train_images_never_on_val(tiny_yolov5, tiny_data, monkeypatch):
+    import compression.distill as distill_module
+
+    data = load_data_config(tiny_data, ("train", "val"))
+    train, holdout = holdout_split(data, 2)
+    held = set(split_images(holdout, "val"))
+    assert held and held.isdisjoint(split_images(train, "train")) and held <= set(split_images(data, "train"))
+    read, real = [], distill_module.evaluate
+    monkeypatch.setattr(distill_module, "evaluate", lambda model, d, *a, **k: read.append(d["val"]) or real(
+        model, d, *a, **k))
+    distill(tiny_yolov5, tiny_yolov5, train, DistillConfig(steps=2, evals=2, batch=4, workers=0, device="cpu"), 64,
+            holdout=holdout, progress=False)
+    assert read and all(v == holdout["val"] for v in read)  # the input and two checkpoints, all held out
+    read.clear()
+    distill(tiny_yolov5, tiny_yolov5, train, DistillConfig(steps=2, evals=2, batch=4, workers=0, device="cpu"), 64,
+            progress=False)
+    assert not read  # without held-out images nothing is evaluated: the last weights are kept
+
+
 def test_distillation_only_works_without_labels(tiny_yolov5, tiny_data, tmp_path):
     data = load_data_config(tiny_data, ("train", "val"))
+    teacher = copy.deepcopy(tiny_yolov5)
+    head = teacher.model[-1]
+    with torch.no_grad():  # an untrained head is ~0.001 confident everywhere, which makes kd_loss ~1e-9: lift it
+        for conv in head.m:
+            conv.bias.view(head.na, -1)[:, 4] = 0.0
     unlabeled = tmp_path / "images"
     unlabeled.mkdir()
     for f in list((tiny_data.parent / "images" / "train").iterdir())[:4]:
         (unlabeled / f.name).write_bytes(f.read_bytes())
-    cfg = DistillConfig(kd_epochs=1, kd_alpha=1.0, batch=4, workers=0, device="cpu")
-    _, result = distill(tiny_yolov5, tiny_yolov5, {**data, "train": str(unlabeled)}, cfg, 64, progress=False)
-    assert len(result.epochs) == 1
-    cfg = DistillConfig(kd_epochs=1, kd_alpha=0.5, batch=4, workers=0, device="cpu", kd_images=str(unlabeled))
+    student, _ = prune(teacher, PruneConfig(sparsity=0.3, rounds=1), 64, torch.rand(2, 3, 64, 64))
+    with torch.no_grad():  # random deep features are near constant, so the head biases carry the outputs: move them
+        for conv in student.model[-1].m:
+            conv.bias.add_(torch.randn_like(conv.bias))
+    x = torch.rand(4, 3, 64, 64)
+
+    def kd(model):
+        with torch.no_grad():
+            return float(kd_loss(raw_outputs(model, x), raw_outputs(teacher, x), 1.0))
+
+    cfg = DistillConfig(steps=8, kd_alpha=1.0, batch=4, workers=0, device="cpu", crop=0, lr=0.01, warmup_steps=0)
+    trained, result = distill(student, teacher, {**data, "train": str(unlabeled)}, cfg, 64, progress=False)
+    assert result.steps == 8 and result.skipped_steps == 0
+    moved = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), student.state_dict().values())]
+    assert any(moved) and kd(trained) < kd(student)  # the weights moved and the student came closer to the teacher
+    cfg = DistillConfig(steps=1, kd_alpha=0.5, batch=4, workers=0, device="cpu", kd_images=str(unlabeled))
     _, result = distill(tiny_yolov5, tiny_yolov5, data, cfg, 64, progress=False)
-    assert len(result.epochs) == 1
+    assert result.images == 8  # a labeled and an unlabeled batch per step
 
 
-def test_train_imgsz_trains_small_and_evaluates_at_imgsz(tiny_yolov5, tiny_data):
+def test_crops_train_at_the_crop_size_and_evaluate_at_imgsz(tiny_yolov5, tiny_data):
     data = load_data_config(tiny_data, ("train", "val"))
+    train, holdout = holdout_split(data, 2)
     model, sizes = copy.deepcopy(tiny_yolov5), set()
     model.register_forward_pre_hook(lambda _m, inp: sizes.add((inp[0].shape[-1], torch.is_grad_enabled())))
-    cfg = DistillConfig(kd_epochs=1, batch=4, workers=0, device="cpu", train_imgsz=32)
-    _, result = distill(model, tiny_yolov5, data, cfg, 64, progress=False)  # the hook travels with the copy
-    assert len(result.epochs) == 1
-    assert (32, True) in sizes and (64, True) not in sizes  # every training step at 32 px
-    assert any(s == 64 for s, _ in sizes)  # validation at the model's size
+    cfg = DistillConfig(steps=1, evals=1, batch=4, workers=0, device="cpu", crop=32)
+    distill(model, tiny_yolov5, train, cfg, 64, holdout=holdout, progress=False)  # the hook travels with the copy
+    assert (32, True) in sizes and (64, True) not in sizes  # every training step on 32 px crops
+    assert any(s == 64 for s, _ in sizes)  # held-out evaluation at the model's size
+
+
+def test_crops_keep_the_boxes_inside_the_window():
+    img = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    batch = {"img": img, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [1.0]]),
+             "bboxes": torch.tensor([[0.5, 0.5, 0.25, 0.25], [0.1, 0.1, 0.1, 0.1]])}
+    out = crop_batch(batch, 48, torch.Generator().manual_seed(0))
+    assert out["img"].shape == (2, 3, 48, 48)
+    assert out["bboxes"].min() >= 0 and out["bboxes"].max() <= 1 and len(out["bboxes"]) == len(out["cls"])
+    assert 0.0 in out["batch_idx"].tolist()  # the centred box lies inside any 48 px window of a 64 px image
+    centred = out["bboxes"][out["batch_idx"] == 0][0]
+    assert centred[2:].tolist() == pytest.approx([16 / 48, 16 / 48])
 
 
 @pytest.mark.parametrize("kwargs, field", [({"kd_alpha": 1.5}, "kd_alpha"), ({"kd_temperature": 0.5}, "kd_temperature"),
-                                           ({"kd_epochs": -1}, "kd_epochs"), ({"lr": 0}, "lr"),
-                                           ({"train_imgsz": -32}, "train_imgsz")])
+                                           ({"steps": -1}, "steps"), ({"lr": 0}, "lr"),
+                                           ({"crop": -32}, "crop"), ({"evals": -1}, "evals")])
 def test_out_of_range_values_are_refused(kwargs, field):
     with pytest.raises(ValueError, match=field):
         DistillConfig(**kwargs)
@@ -134,10 +184,11 @@ def test_distill_and_qat_epochs_on_cuda_give_a_cpu_model_that_exports(tiny_yolov
 
     data = load_data_config(tiny_data, ("train", "val"))
     student = prepare_qat(tiny_yolov5, per_channel=True, calib=torch.rand(8, 3, 64, 64)) if qat else tiny_yolov5
-    trained, result = distill(student, tiny_yolov5, data, DistillConfig(kd_epochs=2, batch=4, device="cuda"), 64,
-                              progress=False)  # mixed precision on CUDA: fake-quant ops see float16 activations
-    assert len(result.epochs) == 2 and result.skipped_steps == 0
-    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in result.epochs), result.epochs
+    train, holdout = holdout_split(data, 2)
+    trained, result = distill(student, tiny_yolov5, train, DistillConfig(steps=4, evals=2, batch=4, device="cuda"), 64,
+                              holdout=holdout, progress=False)  # mixed precision: fake-quant sees float16 activations
+    assert len(result.evals) == 2 and result.skipped_steps == 0
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in result.evals), result.evals
     assert {p.device.type for p in trained.parameters()} == {"cpu"}
     if qat:
         set_fake_quant(trained, False)
