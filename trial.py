@@ -3,12 +3,12 @@
     params (NNI or --set) -> TrialConfig -> load -> prune -> reconstruct -> distill -> INT8 (PTQ | QAT)
                           -> export_onnx -> evaluate / benchmark beside the FP32 baseline -> score -> report
 
-Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, the per-epoch val mAP is
-reported as intermediate results and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to
+Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, each held-out evaluation
+of a training run (mAP on train images that training never sees) is reported as an intermediate result and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to
 the trial's ``NNI_OUTPUT_DIR``. Standalone:
 
     python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco128/data.yaml \\
-        --imgsz 640 --out runs/t1 --set sparsity=0.2 --set kd_epochs=10 --set quantize=false
+        --imgsz 640 --out runs/t1 --set sparsity=0.2 --set quantize=false
 
 Writes OUT/model.onnx, OUT/fp32.onnx and, last, OUT/report.json. This is the only file that imports nni.
 """
@@ -27,7 +27,7 @@ DEFAULTS = {
     "weights": os.environ.get("YC_WEIGHTS", "../shared/weights/yolov5n.pt"),
     "data": os.environ.get("YC_DATA", "../shared/datasets/coco128/data.yaml"),
     "imgsz": int(os.environ.get("YC_IMGSZ", "640")),
-    "set": [s for s in os.environ.get("YC_SET", "").split() if s],  # fixed key=value pairs, e.g. "kd_epochs=4"
+    "set": [s for s in os.environ.get("YC_SET", "").split() if s],  # fixed key=value pairs, e.g. "kd_steps=300"
 }
 
 
@@ -68,12 +68,12 @@ def main(argv=None) -> int:
         cfg = build_config(overrides)
         score_cfg = build_score_config(parse_sets(args.score))
 
-        def on_epoch(record):
-            print(json.dumps({"epoch": record}), flush=True)
+        def on_eval(record):
+            print(json.dumps({"eval": record}), flush=True)
             if nni is not None:
                 nni.report_intermediate_result(record["mAP50_95"])
 
-        report = run_chain(args.weights, args.data, args.imgsz, cfg, out, on_epoch=on_epoch,
+        report = run_chain(args.weights, args.data, args.imgsz, cfg, out, on_eval=on_eval,
                            progress=sys.stderr.isatty(), score_fn=lambda r: score(r, score_cfg),
                            on_stage=lambda name: print(json.dumps({"stage": name}), flush=True))
         final = report["final"]

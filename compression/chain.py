@@ -1,8 +1,12 @@
-"""The whole chain for one configuration: load -> prune -> reconstruct -> distill -> export -> INT8 -> measure.
+"""The whole chain for one configuration: load -> prune (rounds of reconstruction + distillation) -> distill
+-> export -> INT8 -> measure.
 
 ``trial.py`` runs it standalone and under NNI. Artifacts: ``OUT/model.onnx`` (the shipped model), ``OUT/fp32.onnx``
 (its FP32 input) and, last and atomically, ``OUT/report.json``. The pruned+distilled FP32 student is cached by the
-parameters that shaped it, so trials that differ only in quantization settings skip those stages.
+settings that shaped it, so trials that differ only in quantization settings skip those stages.
+
+Every choice made by a metric (the best recovery checkpoint, the best QAT epoch, the INT8 fallback round) reads
+``holdout_images`` train images that no training step sees; the val split is evaluated only for the report.
 """
 
 from __future__ import annotations
@@ -22,10 +26,8 @@ import torch
 from compression.config import TrialConfig
 from compression.runtime import cache_dir
 
-STUDENT_VERSION = 3  # bump when pruning or distillation changes what a cached student holds
-# TrialConfig fields that shape the FP32 student (everything before quantization).
-STUDENT_KEYS = ("sparsity", "prune_importance", "recon_images", "kd_epochs", "kd_temperature", "kd_alpha",
-                "kd_feature", "kd_images", "train_imgsz", "lr", "optimizer", "freeze_bn", "batch", "mosaic", "seed")
+STUDENT_VERSION = 4  # bump when pruning or distillation changes what a cached student holds
+NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
 
 
 def _file_key(path: str | Path) -> list:
@@ -35,19 +37,25 @@ def _file_key(path: str | Path) -> list:
 
 
 def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
-    shaping = {k: getattr(cfg, k) for k in STUDENT_KEYS} if cfg.sparsity else {"sparsity": 0}  # nothing trained
+    """The student cache key: every field of the stage configs that shape the FP32 student (derived, not listed)."""
+    if cfg.sparsity:
+        distill_cfg = {k: v for k, v in asdict(cfg.distill_config()).items() if k not in NOT_SHAPING}
+        shaping = {"prune": asdict(cfg.prune_config()), "distill": distill_cfg, "recon_images": cfg.recon_images,
+                   "round_steps": cfg.round_steps, "holdout_images": cfg.holdout_images}
+    else:
+        shaping = {"sparsity": 0}  # nothing is pruned or trained
     key = [STUDENT_VERSION, _file_key(weights), data["yaml_file"], imgsz, shaping]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _load_student(entry: Path, teacher, cfg: TrialConfig, imgsz: int):
-    """The cached student: pruned again (deterministic, seconds) for its shapes, then its trained tensors loaded."""
-    from compression.prune import prune
+def _load_student(entry: Path, teacher):
+    """The cached student: the teacher cut to the cached structure (no training), then its trained tensors."""
+    from compression.prune import Structure, apply_structure
 
-    student, _ = prune(teacher, cfg.prune_config(), imgsz)
-    state = torch.load(entry / "state.pt", map_location="cpu", weights_only=True)  # tensors only, nothing runs
-    student.load_state_dict(state)
-    return student.eval(), json.loads((entry / "stages.json").read_text())
+    stages = json.loads((entry / "stages.json").read_text())
+    student = apply_structure(teacher, Structure(**stages["prune"]["structure"]))
+    student.load_state_dict(torch.load(entry / "state.pt", map_location="cpu", weights_only=True))  # tensors only
+    return student.eval(), stages
 
 
 def _save_student(entry: Path, student, stages: dict) -> None:
@@ -68,21 +76,66 @@ def _atomic_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
+                 on_eval: Callable[[str, dict], None] | None = None, progress: bool = True,
+                 on_stage: Callable[[str], None] | None = None):
+    """Prune ``teacher`` in ``cfg.prune_rounds`` steps, each followed by least-squares reconstruction and
+    ``cfg.round_steps`` of distillation, then recover with ``cfg.kd_steps`` (best checkpoint on ``holdout``).
+
+    Returns ``(student, {"prune": ..., "distill": ...})``, the report's stage fields. ``train`` is the train split
+    without the held-out images: reconstruction, sensitivity and distillation read only it. ``on_stage("distill")``
+    is called when the main recovery starts.
+    """
+    from compression.data import train_images
+    from compression.distill import distill
+    from compression.prune import prune, reconstruct_
+
+    t0 = time.perf_counter()
+    sensitivity_size = min(imgsz, 256)  # the ranking of the cuts, not their mAP: small images suffice
+    images = train_images(train, 8, sensitivity_size, cfg.seed) if cfg.sparsity else None
+    recon = train_images(train, cfg.recon_images, min(imgsz, 320), cfg.seed + 1) \
+        if cfg.sparsity and cfg.recon_images else None
+    round_cfg = dataclasses.replace(cfg.distill_config(), steps=cfg.round_steps, evals=0)
+    rounds: list[dict] = []
+
+    def recover(student, structure, step):
+        r0 = time.perf_counter()
+        if recon is not None:
+            reconstruct_(student, teacher, recon, structure.kept, progress=progress)
+        r1 = time.perf_counter()
+        student, res = distill(student, teacher, train, round_cfg, imgsz, kept=structure.kept, progress=progress)
+        rounds.append({"recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
+        return student
+
+    student, pruned = prune(teacher, cfg.prune_config(), imgsz, images, recover=recover, progress=progress)
+    for record, extra in zip(pruned.rounds, rounds):
+        record.update(recover=extra)
+    prune_stage = {**asdict(pruned), "macs_ratio": pruned.macs_after / pruned.macs_before,
+                   "params_ratio": pruned.params_after / pruned.params_before, "seconds": time.perf_counter() - t0}
+    if on_stage:
+        on_stage("distill")
+    # Recovery training only makes sense after pruning: on the untouched model it can only drift from the teacher.
+    dcfg = cfg.distill_config() if cfg.sparsity else dataclasses.replace(cfg.distill_config(), steps=0)
+    student, distilled = distill(student, teacher, train, dcfg, imgsz, kept=pruned.structure.kept, holdout=holdout,
+                                 on_eval=(lambda r: on_eval("distill", r)) if on_eval else None, progress=progress)
+    distill_stage = {**asdict(distilled), "skipped": "nothing pruned" if not cfg.sparsity else None}
+    return student, {"prune": prune_stage, "distill": distill_stage}
+
+
 def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: str | Path,
-              on_epoch: Callable[[dict], None] | None = None, progress: bool = True,
+              on_eval: Callable[[dict], None] | None = None, progress: bool = True,
               score_fn: Callable[[dict], dict] | None = None, on_stage: Callable[[str], None] | None = None) -> dict:
     """Run the chain for ``cfg`` and return the report (also written to ``out/report.json``, last).
 
     ``on_stage(name)`` is called as each stage starts: baseline, prune, distill, export, quantize, measure, report.
+    ``on_eval(record)`` after each held-out evaluation of a training run (recovery, QAT).
     """
     from compression.benchmark import benchmark_pair, count_params_and_macs
-    from compression.data import load_data_config, train_images
-    from compression.distill import distill
-    from compression.evaluate import check_imgsz, evaluate
+    from compression.data import holdout_split, load_data_config
+    from compression.evaluate import EvalResult, check_imgsz, evaluate
     from compression.export import export_onnx
     from compression.measure import Measurement, baseline
     from compression.models import load_model
-    from compression.prune import prune, reconstruct_
 
     def stage(name: str) -> None:
         if on_stage:
@@ -91,61 +144,51 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # a report only ever describes a finished run
-    data = load_data_config(data_path, ("train", "val") if cfg.kd_alpha < 1 else ("val",))
+    trains = cfg.sparsity or (cfg.quantize and cfg.qat_epochs)
+    data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize else ("val",))
+    train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if "train" in data else (data, None)
     teacher = load_model(weights)
     imgsz = check_imgsz(imgsz, int(max(teacher.stride)))
     stage("baseline")
     base, base_onnx = baseline(teacher, weights, data, imgsz, progress=progress)
     stages: dict = {}
-    epochs: list[dict] = []
+    evals: list[dict] = []
 
-    def epoch_hook(stage):
-        def hook(record):
-            epochs.append({"stage": stage, **record})
-            if on_epoch:
-                on_epoch({"stage": stage, "step": len(epochs), **record})
-        return hook
+    def record_eval(name: str, record: dict) -> None:
+        evals.append({"stage": name, **record})
+        if on_eval:
+            on_eval({"stage": name, "index": len(evals), **record})
 
     # 1-3: the FP32 student, from the cache when another trial already made it.
     key = student_key(weights, data, imgsz, cfg)
     entry = cache_dir() / "students" / key
     if entry.is_dir() and (entry / "stages.json").is_file():
-        student, cached = _load_student(entry, teacher, cfg, imgsz)
+        student, cached = _load_student(entry, teacher)
         stages.update(cached)
         stages["cache"] = {"student": "hit", "key": key}
-        for record in cached.get("distill", {}).get("epochs", []):  # replayed: the assessor sees the same curve
-            epoch_hook("distill")(record)
+        for record in cached["distill"]["evals"]:  # replayed: the assessor sees the same curve
+            record_eval("distill", record)
     else:
         stage("prune")
-        t0 = time.perf_counter()
-        student, pruned = prune(teacher, cfg.prune_config(), imgsz)
-        recon = cfg.recon_images if cfg.sparsity else 0
-        if recon:
-            reconstruct_(student, teacher, train_images(data, recon, imgsz, cfg.seed), progress=progress)
-        stages["prune"] = {**asdict(pruned), "reconstructed_on": recon, "seconds": time.perf_counter() - t0}
-        # Recovery training only makes sense after pruning: on the untouched model it can only drift from the
-        # teacher (measured: 0.330 -> 0.258 mAP50-95 after one epoch on COCO128's 128 train images).
-        stage("distill")
-        dcfg = cfg.distill_config() if cfg.sparsity else dataclasses.replace(cfg.distill_config(), kd_epochs=0)
-        student, distilled = distill(student, teacher, data, dcfg, imgsz, on_epoch=epoch_hook("distill"),
-                                     progress=progress)
-        stages["distill"] = {**asdict(distilled), "skipped": "nothing pruned" if not cfg.sparsity else None}
-        _save_student(entry, student, {k: stages[k] for k in ("prune", "distill")})
+        student, made = make_student(teacher, train, holdout, imgsz, cfg, record_eval, progress, stage)
+        stages.update(made)
+        _save_student(entry, student, made)
         stages["cache"] = {"student": "miss", "key": key}
 
     stage("export")
     t0 = time.perf_counter()
     fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
-    untouched = cfg.sparsity == 0  # neither pruned nor trained: the FP32 export is the baseline's
-    fp32_map = base.mAP50_95 if untouched else evaluate(fp32_path, data, imgsz, progress=progress).mAP50_95
-    stages["export"] = {"fp32_mAP50_95": fp32_map, "seconds": time.perf_counter() - t0}
+    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's
+        fp32_acc = EvalResult(base.mAP50, base.mAP50_95, 0)
+    else:
+        fp32_acc = evaluate(fp32_path, data, imgsz, progress=progress)
+    stages["export"] = {"fp32_mAP50_95": fp32_acc.mAP50_95, "seconds": time.perf_counter() - t0}
 
     model_path = out / "model.onnx"
-    evaluated: dict = {}
     if cfg.quantize:
         stage("quantize")
-        stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, data, imgsz, cfg, fp32_map,
-                                            epoch_hook("qat"), progress, evaluated)
+        stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, train, holdout, imgsz, cfg,
+                                            record_eval, progress)
     else:
         tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
         shutil.copyfile(fp32_path, tmp)
@@ -153,8 +196,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
     stage("measure")
     t0 = time.perf_counter()
-    shipped = max((r["mAP50_95"] for r in stages.get("quantize", {}).get("rounds", [])), default=None)
-    acc = evaluated.get(shipped) or evaluate(model_path, data, imgsz, progress=progress)
+    # the shipped model's one val evaluation (without INT8 it is the FP32 file, evaluated above)
+    acc = evaluate(model_path, data, imgsz, progress=progress) if cfg.quantize else fp32_acc
     # 150 runs each (~6 s at 640): on 2 shared cores the INT8/FP32 ratio of 50-run medians still varied by +-0.03
     speed, base_speed = benchmark_pair(model_path, base_onnx, imgsz, runs=150, progress=progress)
     params, macs = count_params_and_macs(student, imgsz)
@@ -164,7 +207,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     report = {"config": asdict(cfg), "weights": str(weights), "data": data["yaml_file"], "imgsz": imgsz,
               "baseline": asdict(base), "result": asdict(result),
               "speedup": base.latency_ms / result.latency_ms, "compression": base.size_mb / result.size_mb,
-              "epochs": epochs, "stages": stages}
+              "macs_ratio": macs / base.macs, "params_ratio": params / base.params,
+              "evals": evals, "stages": stages}
     if score_fn:
         report["final"] = score_fn(report)
     stage("report")
@@ -172,16 +216,18 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     return report
 
 
-def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, data: dict, imgsz: int, cfg: TrialConfig,
-                   fp32_map: float, on_epoch, progress: bool, evaluated: dict) -> dict:
+def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: dict, holdout: dict | None,
+                   imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool) -> dict:
     """PTQ of ``fp32_path`` (``qat_epochs == 0``) or QAT of ``student`` then INT8 export, into ``model_path``.
 
-    ``evaluated`` collects every INT8 candidate's val result by its mAP50-95."""
+    The fallback's drop check and its choice of round compare mAP on the held-out train images (``holdout``; the
+    train split itself when none are held out), never on val."""
+    import math
     import tempfile
 
     import onnx
 
-    from compression.data import train_images
+    from compression.data import split_images, train_images
     from compression.distill import distill
     from compression.evaluate import evaluate
     from compression.export import export_onnx
@@ -189,29 +235,28 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, data: di
     from compression.quantize import ptq
 
     qcfg = cfg.quant_config()
-    images = train_images(data, qcfg.calib_images, imgsz, cfg.seed)
+    images = train_images(train, qcfg.calib_images, imgsz, cfg.seed)
+    choose_on = holdout or {**train, "val": train["train"]}  # no held-out images: the train split, never val
 
     def eval_fn(path):
-        acc = evaluate(path, data, imgsz, progress=False)
-        evaluated[acc.mAP50_95] = acc  # the shipped round's full result, so the chain need not evaluate it again
-        return acc.mAP50_95
+        return evaluate(path, choose_on, imgsz, progress=False).mAP50_95
 
     if cfg.qat_epochs == 0:
-        res = ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, fp32_map=fp32_map, progress=progress)
-        return asdict(res)
+        res = ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, progress=progress)
+        return {**asdict(res), "chosen_on": "holdout" if holdout else "train"}
     t0 = time.perf_counter()
     qmodel = prepare_qat(student, qcfg.granularity == "per_channel", images[:32])
-    qmodel, trained = distill(qmodel, teacher, data, cfg.qat_distill_config(), imgsz, on_epoch=on_epoch,
-                              progress=progress)
+    steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
+    qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz, holdout=holdout,
+                              on_eval=lambda r: on_eval("qat", r), progress=progress)
     set_fake_quant(qmodel, False)
     with tempfile.TemporaryDirectory(prefix="yc-qat-") as tmp:
         qat_fp32 = Path(tmp) / "qat_fp32.onnx"
         export_onnx(qmodel, imgsz, qat_fp32)
         ranges = learned_ranges(qmodel, onnx.load(str(qat_fp32)))
-        res = ptq(qat_fp32, model_path, images.numpy(), qcfg, eval_fn, fp32_map=fp32_map, progress=progress,
-                  ranges=ranges)
+        res = ptq(qat_fp32, model_path, images.numpy(), qcfg, eval_fn, progress=progress, ranges=ranges)
     res.method = "qat"
     out = asdict(res)
-    out.update(qat=asdict(trained), learned_ranges=len(ranges), seconds=time.perf_counter() - t0)
+    out.update(qat=asdict(trained), learned_ranges=len(ranges), seconds=time.perf_counter() - t0,
+               chosen_on="holdout" if holdout else "train")
     return out
-

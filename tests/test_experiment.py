@@ -39,7 +39,8 @@ def get(port, path):
 def experiment(tiny_yolov5, tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nni")
     weights = write_yolov5_checkpoint(tiny_yolov5, tmp / "tiny.pt")
-    budget = "--set kd_epochs=1 --set batch=4 --set calib_images=8 --set recon_images=4 --set device=cpu"
+    budget = ("--set prune_rounds=1 --set round_steps=1 --set kd_steps=2 --set batch=4 --set crop=32 "
+              "--set calib_images=8 --set recon_images=4 --set device=cpu")
     config = {
         "experimentName": "smoke", "trialCodeDirectory": str(ROOT), "experimentWorkingDirectory": str(tmp / "exp"),
         "searchSpace": {"sparsity": {"_type": "choice", "_value": [0.0, 0.25]},

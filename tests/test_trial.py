@@ -34,15 +34,16 @@ def tiny_pt(tiny_yolov5, tmp_path_factory):
 
 
 def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
-    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0.25", "kd_epochs=1", "batch=4", "device=cpu",
-                  "quantize=false", env=env)
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0.25", "prune_rounds=2", "round_steps=1", "kd_steps=2",
+                  "batch=4", "device=cpu", "recon_images=4", "crop=32", "quantize=false", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     keys = {"mAP50", "mAP50_95", "latency_ms", "size_mb", "params", "macs"}
     assert set(report["baseline"]) == keys and set(report["result"]) == keys
     assert report["result"]["params"] < report["baseline"]["params"]
-    assert [e["epoch"] for e in report["stages"]["distill"]["epochs"]] == [1]
-    assert [(e["stage"], e["epoch"]) for e in report["epochs"]] == [("distill", 1)]
+    assert report["macs_ratio"] == pytest.approx(0.75, abs=0.02) and len(report["stages"]["prune"]["rounds"]) == 2
+    assert [e["step"] for e in report["stages"]["distill"]["evals"]] == [1, 2]
+    assert [(e["stage"], e["step"]) for e in report["evals"]] == [("distill", 1), ("distill", 2)]
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"default", "mAP50_95", "mAP50", "latency_ms", "size_mb", "params", "macs", "speedup",
             "compression"} <= set(final) and final == report["final"]
@@ -50,7 +51,7 @@ def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
 
 
 def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_path, env):
-    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "kd_epochs=0", "quantize=false", env=env)
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "quantize=false", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["result"]["mAP50_95"] == report["baseline"]["mAP50_95"]
@@ -66,16 +67,19 @@ def test_bad_keys_and_values_are_one_line(tiny_pt, tiny_data, tmp_path, bad, exp
 
 
 def test_set_values_are_typed():
-    cfg = build_config(parse_sets(["sparsity=0.2", "kd_epochs=3", "quantize=false", "prune_importance=l2"]))
-    assert (cfg.sparsity, cfg.kd_epochs, cfg.quantize, cfg.prune_importance) == (0.2, 3, False, "l2")
-    with pytest.raises(UserError, match="kd_epochs must be an int"):
-        build_config(parse_sets(["kd_epochs=1.5"]))
+    cfg = build_config(parse_sets(["sparsity=0.2", "kd_steps=3", "quantize=false", "prune_method=blocks"]))
+    assert (cfg.sparsity, cfg.kd_steps, cfg.quantize, cfg.prune_method) == (0.2, 3, False, "blocks")
+    with pytest.raises(UserError, match="kd_steps must be an int"):
+        build_config(parse_sets(["kd_steps=1.5"]))
+    with pytest.raises(UserError, match="method must be one of"):
+        build_config(parse_sets(["prune_method=layers"]))
     with pytest.raises(UserError, match="key=value"):
         parse_sets(["sparsity"])
 
 
 def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_path, env):
-    common = ("sparsity=0.25", "kd_epochs=1", "batch=4", "device=cpu", "calib_images=8", "recon_images=4")
+    common = ("sparsity=0.25", "prune_rounds=1", "round_steps=1", "kd_steps=2", "batch=4", "device=cpu",
+              "calib_images=8", "recon_images=4", "crop=32")
     r = run_trial(tiny_pt, tiny_data, tmp_path / "ptq", *common, "quant_granularity=per_tensor", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     ptq = json.loads((tmp_path / "ptq" / "report.json").read_text())
@@ -86,7 +90,7 @@ def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_pa
     qat = json.loads((tmp_path / "qat" / "report.json").read_text())
     assert qat["stages"]["cache"]["student"] == "hit"  # pruning and distillation were not redone
     assert qat["stages"]["quantize"]["method"] == "qat" and qat["stages"]["quantize"]["learned_ranges"] > 0
-    assert [e["stage"] for e in qat["epochs"]] == ["distill", "qat"]
+    assert [e["stage"] for e in qat["evals"]] == ["distill"] * 2 + ["qat"]  # one QAT epoch, one evaluation
     for out in ("ptq", "qat"):
         assert int8_weight_count(tmp_path / out / "model.onnx") > 0
         assert (tmp_path / out / "model.onnx").stat().st_size < 0.5 * (tmp_path / out / "fp32.onnx").stat().st_size
@@ -104,8 +108,8 @@ def test_a_trial_killed_at_any_stage_leaves_no_report_and_no_half_cache(tiny_pt,
     out.mkdir()
     (out / "report.json").write_text("{}")  # a report of an earlier run must not survive a new, unfinished one
     cmd = [sys.executable, str(TRIAL), "--weights", str(tiny_pt), "--data", str(tiny_data), "--imgsz", "64", "--out",
-           str(out), "--set", "sparsity=0.25", "--set", "kd_epochs=2", "--set", "batch=4", "--set", "device=cpu",
-           "--set", "calib_images=8", "--set", "recon_images=4", "--set", "seed=7"]
+           str(out)] + [a for s in ("sparsity=0.25", "prune_rounds=1", "round_steps=1", "kd_steps=2", "batch=4", "crop=32",
+                                    "device=cpu", "calib_images=8", "recon_images=4", "seed=7") for a in ("--set", s)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     seen = []
     for line in proc.stdout:
