@@ -3,11 +3,12 @@
     params (NNI or --set) -> TrialConfig -> load -> prune -> reconstruct -> distill -> INT8 (PTQ | QAT)
                           -> export_onnx -> evaluate / benchmark beside the FP32 baseline -> score -> report
 
-Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, each held-out evaluation
-of a training run (mAP on train images that training never sees) is reported as an intermediate result and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to
-the trial's ``NNI_OUTPUT_DIR``. Standalone:
+Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, each held-out
+evaluation of a training run (mAP on train images that training never sees) is reported as an intermediate result,
+and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to the trial's ``NNI_OUTPUT_DIR``.
+Standalone:
 
-    python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco128/data.yaml \\
+    python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco1k/data.yaml \\
         --imgsz 640 --out runs/t1 --set sparsity=0.2 --set quantize=false
 
 Writes OUT/model.onnx, OUT/fp32.onnx and, last, OUT/report.json. This is the only file that imports nni.

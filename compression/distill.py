@@ -16,8 +16,7 @@ student/teacher train-mode outputs seen through :func:`compression.models.raw_vi
 
 with ``s_l``/``t_l`` the outputs of every Conv block ``l`` (conv, BN, activation) and ``kept_l`` the teacher channels
 the pruned student kept there (``Structure.kept`` from :func:`compression.prune.prune`; all of them when unpruned),
-over all
-anchors ``a`` of the batch. Class logits are weighted by the teacher's objectness because YOLOv5 trains them only on
+over all anchors ``a`` of the batch. Class logits are weighted by the teacher's objectness because YOLOv5 trains them only on
 object anchors; box regression is pulled towards the teacher where the teacher is confident; the feature term gives
 every pruned layer a dense target. Unlike the task losses, kd_loss is not multiplied by the batch size: measured on
 YOLOv5n pruned by 0.2, its gradient norm is then ~18 (outputs) and ~6 (features) against ~11 for the task loss,
