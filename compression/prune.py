@@ -351,7 +351,7 @@ def _record(structure: Structure, removed: dict[str, list[int]], widths: dict[st
         structure.kept[bn] = [c for i, c in enumerate(prev) if i not in gone]
 
 
-def _prune_to_(model: nn.Module, target: int, cfg: PruneConfig, imgsz: int, images: torch.Tensor,
+def _prune_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConfig, imgsz: int, images: torch.Tensor,
                structure: Structure, original: dict[str, int], progress: bool) -> dict:
     """Prune ``model`` in place until its MACs are at most ``target`` (or nothing is left to remove)."""
     import torch_pruning as tp
@@ -360,7 +360,7 @@ def _prune_to_(model: nn.Module, target: int, cfg: PruneConfig, imgsz: int, imag
     blocks_cut: list[str] = []
     for _ in range(3):  # the greedy plan's MACs are exact per group; overlaps may leave a little to remove again
         macs = count_params_and_macs(model, imgsz)[1]
-        if macs <= target:  # at most the target: a user who asks for 0.8x MACs gets no more
+        if macs <= target + 0.002 * base_macs:
             break
         groups = _Groups(model, cfg, imgsz, original) if cfg.method != "blocks" else None
         blocks = residual_blocks(model) if cfg.method != "channels" else {}
@@ -425,7 +425,7 @@ def prune(model: nn.Module, cfg: PruneConfig, imgsz: int = 640, images: torch.Te
     for step in range(1, cfg.rounds + 1):
         r0 = time.perf_counter()
         target = int(macs * (1 - cfg.sparsity * step / cfg.rounds))
-        cut = _prune_to_(student, target, cfg, imgsz, images, result.structure, original, progress)
+        cut = _prune_to_(student, target, macs, cfg, imgsz, images, result.structure, original, progress)
         _trainable_(student)
         p, m = count_params_and_macs(student, imgsz)
         record = {"round": step, "target_macs": target / macs, "macs": m / macs, "params": p / params, **cut,
