@@ -91,8 +91,9 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
     from compression.prune import prune, reconstruct_
 
     t0 = time.perf_counter()
+    pcfg = cfg.prune_config()
     sensitivity_size = min(imgsz, 256)  # the ranking of the cuts, not their mAP: small images suffice
-    images = train_images(train, 8, sensitivity_size, cfg.seed) if cfg.sparsity else None
+    images = train_images(train, pcfg.sensitivity_images, sensitivity_size, cfg.seed) if cfg.sparsity else None
     recon = train_images(train, cfg.recon_images, min(imgsz, 320), cfg.seed + 1) \
         if cfg.sparsity and cfg.recon_images else None
     round_cfg = dataclasses.replace(cfg.distill_config(), steps=cfg.round_steps, evals=0)
@@ -107,7 +108,7 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
         rounds.append({"recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
         return student
 
-    student, pruned = prune(teacher, cfg.prune_config(), imgsz, images, recover=recover, progress=progress)
+    student, pruned = prune(teacher, pcfg, imgsz, images, recover=recover, progress=progress)
     for record, extra in zip(pruned.rounds, rounds):
         record.update(recover=extra)
     prune_stage = {**asdict(pruned), "macs_ratio": pruned.macs_after / pruned.macs_before,
