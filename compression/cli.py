@@ -27,16 +27,19 @@ def _evaluate(args) -> dict:
 
 
 def _benchmark(args) -> dict:
-    from compression.benchmark import benchmark, benchmark_pair, count_params_and_macs
+    from compression.benchmark import benchmark, benchmark_pair, count_params_and_macs, ratio_interval
 
     if args.baseline:  # both in the same run, interleaved: the only fair latency ratio on a noisy machine
         res, base = benchmark_pair(args.model, args.baseline, args.imgsz, runs=args.runs, threads=args.threads)
-        result = asdict(res)
+        lo, hi = ratio_interval(res, base)
+        result = {k: v for k, v in asdict(res).items() if k != "blocks"}
         result.update(baseline_latency_ms=base.latency_ms, baseline_p90_ms=base.p90_ms, baseline_size_mb=base.size_mb,
-                      latency_ratio=res.latency_ms / base.latency_ms, speedup=base.latency_ms / res.latency_ms,
+                      baseline_imgsz=base.imgsz, latency_ratio=res.latency_ms / base.latency_ms,
+                      latency_ratio_interval=[lo, hi], speedup=base.latency_ms / res.latency_ms,
                       size_ratio=res.size_mb / base.size_mb)
     else:
-        result = asdict(benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads))
+        res = benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads)
+        result = {k: v for k, v in asdict(res).items() if k != "blocks"}
     if args.weights:
         from compression.models import load_model
 
@@ -65,9 +68,14 @@ def _best(args) -> dict:
 
 
 def _report(args) -> dict:
-    from compression.report import write_report
+    from compression.reference import reference_for_report
+    from compression.report import complete_reports, write_report
 
-    return write_report(_trials(args), args.out, f"yolo-compress experiment {args.experiment}")
+    trials = _trials(args)
+    reference = None
+    if not args.no_reference and complete_reports(trials):
+        reference = reference_for_report(complete_reports(trials)[0], progress=sys.stderr.isatty())
+    return write_report(trials, args.out, f"yolo-compress experiment {args.experiment}", reference)
 
 
 def _infer(args) -> dict:
@@ -107,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("benchmark", help="ONNX Runtime CPU latency and file size")
     p.add_argument("--model", required=True, help=".onnx file")
-    p.add_argument("--imgsz", type=int, default=None)
+    p.add_argument("--imgsz", type=int, default=None, help="input side of files with a dynamic size")
     p.add_argument("--runs", type=int, default=50)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads: the cores you deploy on (default: all cores)")
     p.add_argument("--baseline", help="FP32 .onnx to time in the same run; adds speedup and size_ratio")
     p.add_argument("--weights", help="the torch model, to add params and MACs")
     p.set_defaults(func=_benchmark)
@@ -131,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _experiment_parser(sub, "report", "HTML page and PNG plot of an experiment's trials with the Pareto front")
     p.add_argument("--out", required=True, help="output folder (report.html, pareto.png)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the unpruned model's curves over input sizes (measured once per weights and data)")
     p.set_defaults(func=_report)
     return parser
 

@@ -30,7 +30,9 @@ def test_export_evaluate_benchmark_end_with_one_json_line(tiny_pt, tiny_data, tm
     r = run_cli("benchmark", "--model", out, "--baseline", out, "--runs", 30)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(result) >= {"latency_ms", "p90_ms", "threads", "size_mb", "speedup"}
+    assert set(result) >= {"latency_ms", "p90_ms", "threads", "size_mb", "speedup", "imgsz", "baseline_imgsz"}
+    lo, hi = result["latency_ratio_interval"]
+    assert lo <= result["latency_ratio"] <= hi and "blocks" not in result
     assert "benchmark" in r.stderr  # the progress bar
 
 
