@@ -131,7 +131,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     ``on_stage(name)`` is called as each stage starts: baseline, prune, distill, export, quantize, measure, report.
     ``on_eval(record)`` after each held-out evaluation of a training run (recovery, QAT).
     """
-    from compression.benchmark import benchmark_pair, count_params_and_macs
+    from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
     from compression.data import holdout_split, load_data_config
     from compression.evaluate import EvalResult, check_imgsz, evaluate
     from compression.export import export_onnx
@@ -149,9 +149,11 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize else ("val",))
     train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if "train" in data else (data, None)
     teacher = load_model(weights)
-    imgsz = check_imgsz(imgsz, int(max(teacher.stride)))
+    stride = int(max(teacher.stride))
+    base_imgsz = check_imgsz(imgsz, stride)
+    imgsz = check_imgsz(cfg.deploy_imgsz or base_imgsz, stride)  # the trial's size: trained, exported, timed at it
     stage("baseline")
-    base, base_onnx = baseline(teacher, weights, data, imgsz, progress=progress)
+    base, base_onnx = baseline(teacher, weights, data, base_imgsz, progress=progress)
     stages: dict = {}
     evals: list[dict] = []
 
@@ -179,8 +181,9 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     stage("export")
     t0 = time.perf_counter()
     fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
-    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's
-        fp32_acc = EvalResult(base.mAP50, base.mAP50_95, 0)
+    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
+        fp32_base = base if imgsz == base_imgsz else baseline(teacher, weights, data, imgsz, progress=progress)[0]
+        fp32_acc = EvalResult(fp32_base.mAP50, fp32_base.mAP50_95, 0)
     else:
         fp32_acc = evaluate(fp32_path, data, imgsz, progress=progress)
     stages["export"] = {"fp32_mAP50_95": fp32_acc.mAP50_95, "seconds": time.perf_counter() - t0}
@@ -199,15 +202,20 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     t0 = time.perf_counter()
     # the shipped model's one val evaluation (without INT8 it is the FP32 file, evaluated above)
     acc = evaluate(model_path, data, imgsz, progress=progress) if cfg.quantize else fp32_acc
-    # 150 runs each (~6 s at 640): on 2 shared cores the INT8/FP32 ratio of 50-run medians still varied by +-0.03
-    speed, base_speed = benchmark_pair(model_path, base_onnx, imgsz, runs=150, progress=progress)
+    # 150 runs each (~6 s at 640): on 2 shared cores the INT8/FP32 ratio of 50-run medians still varied by +-0.03.
+    # Each file at its own size: the baseline at the base size, so the speedup includes the resolution.
+    speed, base_speed = benchmark_pair(model_path, base_onnx, runs=150, threads=cfg.bench_threads or None,
+                                       progress=progress)
+    ratio_lo, ratio_hi = ratio_interval(speed, base_speed)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
-    report = {"config": asdict(cfg), "weights": str(weights), "data": data["yaml_file"], "imgsz": imgsz,
-              "baseline": asdict(base), "result": asdict(result),
+    weights = Path(weights).resolve() if Path(weights).is_file() else weights  # found from any folder
+    report = {"config": asdict(cfg), "weights": str(weights), "data": data["yaml_file"], "imgsz": base_imgsz,
+              "deploy_imgsz": imgsz, "bench_threads": speed.threads, "baseline": asdict(base), "result": asdict(result),
               "speedup": base.latency_ms / result.latency_ms, "compression": base.size_mb / result.size_mb,
+              "latency_ratio": result.latency_ms / base.latency_ms, "latency_ratio_interval": [ratio_lo, ratio_hi],
               "macs_ratio": macs / base.macs, "params_ratio": params / base.params,
               "evals": evals, "stages": stages}
     if score_fn:

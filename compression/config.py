@@ -16,6 +16,7 @@ from compression.quantize import QuantConfig
 
 @dataclass
 class TrialConfig:
+    deploy_imgsz: int = 0  # input side the shipped model runs at (px, a multiple of the stride), 0 = the base --imgsz
     sparsity: float = 0.0  # fraction of the model's MACs removed by pruning, 0 <= sparsity < 0.9
     prune_method: str = "channels"  # channels (filters) | blocks (whole residual bottlenecks) | both
     prune_importance: str = "l2"  # which channels of a group go first: l1 | l2 | bn_scale
@@ -44,6 +45,7 @@ class TrialConfig:
     qat_epochs: int = 0  # 0 = post-training quantization
     qat_lr: float = 0.001  # peak learning rate of QAT (SGD: AdamW moves every weight by ~lr per step, too far here)
     max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose (on the held-out images) before the fallback
+    bench_threads: int = 0  # the cores you deploy on: ONNX Runtime threads of the latency benchmark, 0 = all here
 
     def __post_init__(self):
         if not 0 <= self.qat_epochs <= 100:
@@ -51,7 +53,10 @@ class TrialConfig:
         if not 0 < self.qat_lr <= 1:
             raise ValueError(f"qat_lr must be in (0, 1], got {self.qat_lr}")
         self.quant_config()
-        for name, top in (("recon_images", 10000), ("round_steps", 100000), ("holdout_images", 100000)):
+        if self.deploy_imgsz and not 32 <= self.deploy_imgsz <= 4096:
+            raise ValueError(f"deploy_imgsz must be 0 (the base size) or in 32..4096 px, got {self.deploy_imgsz}")
+        for name, top in (("recon_images", 10000), ("round_steps", 100000), ("holdout_images", 100000),
+                          ("bench_threads", 1024)):
             if not 0 <= getattr(self, name) <= top:
                 raise ValueError(f"{name} must be in 0..{top}, got {getattr(self, name)}")
         self.prune_config()

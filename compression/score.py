@@ -56,4 +56,15 @@ def score(report: dict, cfg: ScoreConfig) -> dict:
     return {"default": value, "mAP50_95": res["mAP50_95"], "mAP50": res["mAP50"], "latency_ms": res["latency_ms"],
             "size_mb": res["size_mb"], "params": res["params"], "macs": res["macs"], "speedup": speedup,
             "compression": compression, "baseline_mAP50_95": base["mAP50_95"],
-            "baseline_latency_ms": base["latency_ms"]}
+            "baseline_latency_ms": base["latency_ms"], **_deployment(report)}
+
+
+def _deployment(report: dict) -> dict:
+    """The input size and the speedup's interval, for reports that carry them (numbers only: NNI's table)."""
+    out = {}
+    if "deploy_imgsz" in report:
+        out["imgsz"] = report["deploy_imgsz"]
+    if "latency_ratio_interval" in report:
+        lo, hi = report["latency_ratio_interval"]
+        out.update(speedup_low=1 / hi, speedup_high=1 / lo)
+    return out

@@ -13,8 +13,8 @@ from conftest import write_yolov5_checkpoint
 TRIAL = Path(__file__).resolve().parents[1] / "trial.py"
 
 
-def run_trial(weights, data, out, *sets, env=None):
-    cmd = [sys.executable, str(TRIAL), "--weights", str(weights), "--data", str(data), "--imgsz", "64",
+def run_trial(weights, data, out, *sets, env=None, imgsz=64):
+    cmd = [sys.executable, str(TRIAL), "--weights", str(weights), "--data", str(data), "--imgsz", str(imgsz),
            "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
@@ -56,6 +56,23 @@ def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["result"]["mAP50_95"] == report["baseline"]["mAP50_95"]
     assert report["result"]["params"] == report["baseline"]["params"]
+
+
+def test_a_trial_at_a_smaller_input_is_timed_against_the_baseline_at_the_base_size(tiny_pt, tiny_data, tmp_path,
+                                                                                     env):
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "deploy_imgsz=64", "calib_images=8", "bench_threads=1", env=env,
+                  imgsz=128)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["imgsz"], report["deploy_imgsz"], report["bench_threads"]) == (128, 64, 1)
+    assert report["macs_ratio"] == pytest.approx((64 / 128) ** 2, rel=0.01)  # same model, a quarter of the pixels
+    from compression.runtime import onnx_session
+
+    assert onnx_session(tmp_path / "model.onnx").get_inputs()[0].shape[2] == 64
+    lo, hi = report["latency_ratio_interval"]
+    assert lo <= report["latency_ratio"] <= hi
+    final = report["final"]
+    assert final["imgsz"] == 64 and final["speedup_low"] <= final["speedup"] <= final["speedup_high"]
 
 
 @pytest.mark.parametrize("bad, expect", [("sparsty=0.2", "did you mean 'sparsity'"),
