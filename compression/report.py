@@ -1,8 +1,8 @@
 """The trade-off of an experiment at a glance: mAP50-95 against relative latency for every complete trial, the Pareto
-front.
+front, and the line to beat: the unpruned model at smaller inputs in FP32 and INT8 (:mod:`compression.reference`).
 
 Writes ``OUT/pareto.png`` (matplotlib) and ``OUT/report.html``, a self-contained page with the plot inlined and a
-table of every complete trial, its parameters and figures, Pareto-optimal trials first.
+table of every complete trial, its input size, parameters and figures, Pareto-optimal trials first.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def complete_reports(trials: list[Trial]) -> list[dict]:
+    """The ``report.json`` of every complete trial, in trial order."""
+    return [json.loads((t.folder / "report.json").read_text()) for t in trials if t.complete]
+
+
 def _rows(trials: list[Trial]) -> list[dict]:
     rows = []
-    for t in trials:
-        if not t.complete:
-            continue
-        rep = json.loads((t.folder / "report.json").read_text())
+    for t, rep in zip([t for t in trials if t.complete], complete_reports(trials)):
         rows.append({"trial": t.id, "params": t.parameters or {}, "mAP50_95": rep["result"]["mAP50_95"],
+                     "imgsz": rep.get("deploy_imgsz", rep["imgsz"]), "interval": rep.get("latency_ratio_interval"),
                      "latency_ms": rep["result"]["latency_ms"], "size_mb": rep["result"]["size_mb"],
                      "score": t.metrics.get("default"), "baseline": rep["baseline"],
                      "speedup": rep["baseline"]["latency_ms"] / rep["result"]["latency_ms"],
@@ -40,7 +43,7 @@ def _rows(trials: list[Trial]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], front: list[int], path: Path) -> None:
+def plot(rows: list[dict], front: list[int], path: Path, reference: list | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,8 +55,18 @@ def plot(rows: list[dict], front: list[int], path: Path) -> None:
                c=["tab:orange" if i in front else "tab:blue" for i in range(len(rows))], edgecolors="k",
                label="trials (marker area ~ file size)")
     for i, r in enumerate(rows):
-        ax.annotate(r["trial"], (r["rel_latency"], r["mAP50_95"]), fontsize=7, xytext=(4, 4),
+        ax.annotate(f"{r['trial']} {r['imgsz']}px", (r["rel_latency"], r["mAP50_95"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
+        if r["interval"]:  # where a re-run's latency ratio should land
+            ax.plot(r["interval"], [r["mAP50_95"]] * 2, color="tab:gray", lw=0.8, alpha=0.6)
+    for precision, style in (("fp32", "-"), ("int8", "--")):
+        curve = sorted((p for p in reference or [] if p.precision == precision), key=lambda p: p.imgsz)
+        if curve:
+            ax.plot([p.latency_ratio for p in curve], [p.mAP50_95 for p in curve], style, marker=".",
+                    color="tab:green", alpha=0.8, label=f"unpruned {precision.upper()} at smaller inputs (no training)")
+            for p in curve:
+                ax.annotate(str(p.imgsz), (p.latency_ratio, p.mAP50_95), fontsize=6, color="tab:green",
+                            xytext=(-4, -9), textcoords="offset points")
     fx = [rows[i]["rel_latency"] for i in front]
     fy = [rows[i]["mAP50_95"] for i in front]
     ax.step(fx, fy, where="post", color="tab:orange", lw=1.5, label="Pareto front")
@@ -71,7 +84,9 @@ def plot(rows: list[dict], front: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(trials: list[Trial], out: str | Path, title: str) -> dict:
+def write_report(trials: list[Trial], out: str | Path, title: str, reference: list | None = None) -> dict:
+    """``report.html`` and ``pareto.png`` of the complete ``trials`` in ``out``, with the ``reference`` curves
+    (:func:`compression.reference.reference_curves`) when given."""
     rows = _rows(trials)
     if not rows:
         raise UserError(f"no complete trial to report ({len(trials)} trials, none with report.json and model.onnx)")
@@ -80,18 +95,20 @@ def write_report(trials: list[Trial], out: str | Path, title: str) -> dict:
     front = pareto_front([(r["rel_latency"], r["mAP50_95"]) for r in rows])
     png = out / "pareto.png"
     tmp_png = out / f".pareto.png.{os.getpid()}.tmp.png"
-    plot(rows, front, tmp_png)
+    plot(rows, front, tmp_png, reference)
     tmp_png.replace(png)
     order = front + [i for i in sorted(range(len(rows)), key=lambda i: -(rows[i]["score"] or 0)) if i not in front]
     keys = sorted({k for r in rows for k in r["params"]})
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["trial", "Pareto", *keys, "mAP50-95", "latency ms",
-                                                            "speedup", "size MB", "score"])
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["trial", "Pareto", "imgsz", *keys, "mAP50-95",
+                                                            "latency ms", "speedup", "size MB", "score"])
     body = []
     for i in order:
         r = rows[i]
-        cells = [r["trial"], "yes" if i in front else ""] + [_fmt(r["params"].get(k, "")) for k in keys] + [
-            f"{r['mAP50_95']:.4f}", f"{r['latency_ms']:.2f}", f"{r['speedup']:.2f}x", f"{r['size_mb']:.2f}",
-            _fmt(r["score"])]
+        speedup = f"{r['speedup']:.2f}x" + (f" ({1 / r['interval'][1]:.2f}-{1 / r['interval'][0]:.2f})"
+                                             if r["interval"] else "")
+        cells = [r["trial"], "yes" if i in front else "", r["imgsz"]] + [
+            _fmt(r["params"].get(k, "")) for k in keys] + [
+            f"{r['mAP50_95']:.4f}", f"{r['latency_ms']:.2f}", speedup, f"{r['size_mb']:.2f}", _fmt(r["score"])]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     image = base64.b64encode(png.read_bytes()).decode()
     base = rows[0]["baseline"]
@@ -102,12 +119,25 @@ padding:4px 8px;text-align:right}}tr:nth-child(-n+{len(front)}) td{{background:#
 <p>{len(rows)} complete trials; FP32 baseline mAP50-95 {base['mAP50_95']:.4f}, {base['size_mb']:.2f} MB.
 Pareto-optimal trials (no other trial is both faster and more accurate) are highlighted and listed first.</p>
 <img src="data:image/png;base64,{image}" alt="mAP50-95 against latency">
+{_reference_table(reference)}
 <table><tr>{head}</tr>{''.join(body)}</table></body></html>"""
     tmp = out / f".report.html.{os.getpid()}.tmp"
     tmp.write_text(page)
     tmp.replace(out / "report.html")
     return {"trials": len(rows), "pareto": [rows[i]["trial"] for i in front], "html": str(out / "report.html"),
-            "png": str(png)}
+            "png": str(png), "reference_points": len(reference or [])}
+
+
+def _reference_table(reference: list | None) -> str:
+    if not reference:
+        return "<p>No reference curves (the unpruned model at smaller inputs) in this report.</p>"
+    rows = "".join(f"<tr><td>{p.imgsz}</td><td>{p.precision.upper()}</td><td>{p.mAP50_95:.4f}</td>"
+                   f"<td>{1 / p.latency_ratio:.2f}x</td><td>{p.size_mb:.2f}</td></tr>"
+                   for p in sorted(reference, key=lambda p: (p.precision, -p.imgsz)))
+    return ("<h2>The line to beat: the unpruned model at smaller inputs</h2><p>No training; speedup against the FP32 "
+            "model at the base size, timed in the same run. A trial is worth shipping when it lies above these "
+            "curves.</p><table><tr><th>imgsz</th><th>precision</th><th>mAP50-95</th><th>speedup</th><th>size MB</th>"
+            f"</tr>{rows}</table><h2>Trials</h2>")
 
 
 def _fmt(v) -> str:

@@ -84,7 +84,7 @@ def test_both_trials_succeed_with_every_final_metric_key(experiment):
 
 def run_verb(experiment, verb: str, out) -> dict:
     r = subprocess.run([sys.executable, "-m", "compression", verb, "--experiment", experiment["id"], "--root",
-                        str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=120,
+                        str(experiment["root"]), "--out", str(out)], capture_output=True, text=True, timeout=300,
                        env=experiment["env"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -118,6 +118,8 @@ def test_report_writes_html_and_png_with_the_pareto_front(experiment):
     assert res["trials"] == 2 and 1 <= len(res["pareto"]) <= 2
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "data:image/png;base64," in page
     assert all(t in page for t in res["pareto"])
+    # the line to beat: the unpruned model's FP32 and INT8 points at the base size (64 px: no smaller reference size)
+    assert res["reference_points"] == 2 and "The line to beat" in page and "<th>imgsz</th>" in page
 
 
 def test_pareto_front_keeps_only_undominated_points():
