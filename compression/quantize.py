@@ -3,9 +3,11 @@
 The model is quantized in QDQ format (uint8 activations, int8 weights: the fast path of ONNX Runtime's x86 kernels)
 with the calibration ranges of real train images. What stays FP32 is found from the graph, not from node names:
 every node with no convolution downstream of it, i.e. the head's decode (sigmoid, grid/anchor arithmetic and the
-concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold). When the INT8 model loses more than
-``max_int8_drop`` mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time) are
-kept in FP32 as well and the model is quantized again, a bounded number of times. The inputs and output of each
+concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold); the weights of the FP32 convolutions are
+stored in int8 all the same (:func:`int8_weights_only`). When the INT8 model loses more than ``max_int8_drop``
+mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time) get uint8 weights
+(``fallback="uint8_weights"``: ONNX Runtime's u8s8 kernels saturate on CPUs without VNNI, u8u8 ones do not) or stay
+FP32, and the model is quantized again, a bounded number of times. The inputs and output of each
 quantized Concat share one range (their union), so that the Concat can move 8-bit values as they are.
 
 Graph rewrites for ONNX Runtime's CPU kernels, none of which changes what the model computes: the stride-2 stem
@@ -28,6 +30,7 @@ import numpy as np
 
 GRANULARITY = ("per_tensor", "per_channel")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
+FALLBACKS = ("uint8_weights", "fp32")
 COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 # Ops whose QDQ output ONNX Runtime quantizes with its input's parameters (its registry's 8-bit pass-through ops).
 SHARED_PARAM_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "MaxPool", "AveragePool",
@@ -40,7 +43,8 @@ class QuantConfig:
     calib_method: str = "percentile"  # activation ranges: percentile (99.999) | minmax | entropy
     calib_images: int = 128  # train images for calibration
     max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input before the fallback
-    fallback_rounds: int = 3  # at most this many re-quantizations with more layers kept in FP32
+    fallback_rounds: int = 3  # at most this many re-quantizations with more sensitive convolutions kept apart
+    fallback: str = "uint8_weights"  # how: uint8_weights (asymmetric uint8 weights: no u8s8 saturation) | fp32
     share_concat_ranges: bool = True  # one range for a Concat's inputs and output (no requantization there)
     seed: int = 0
 
@@ -55,6 +59,8 @@ class QuantConfig:
             raise ValueError(f"max_int8_drop must be in 0..1, got {self.max_int8_drop}")
         if not 0 <= self.fallback_rounds <= 10:
             raise ValueError(f"fallback_rounds must be in 0..10, got {self.fallback_rounds}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
 @dataclass
@@ -62,8 +68,9 @@ class QuantResult:
     method: str  # "ptq" | "qat"
     granularity: str
     calib_method: str
-    fp32_nodes: list[str] = field(default_factory=list)  # nodes left in FP32 (decode + fallback)
-    fallback_nodes: list[str] = field(default_factory=list)  # convolutions the sensitivity fallback kept in FP32
+    fp32_nodes: list[str] = field(default_factory=list)  # nodes left in FP32 (decode, boundary, fp32 fallback)
+    fallback_nodes: list[str] = field(default_factory=list)  # convolutions the sensitivity fallback kept apart
+    fallback: str = "uint8_weights"  # how they were kept: uint8 weights or FP32
     rounds: list[dict] = field(default_factory=list)  # per quantization: fallback layers, mAP50_95
     fp32_mAP50_95: float | None = None
     learned_ranges: int = 0  # tensors whose calibrated range QAT's learned range replaced
@@ -356,6 +363,39 @@ def fold_concat_qdq(model) -> int:
     return folded
 
 
+def int8_weights_only(model, convs: list[str]) -> int:
+    """Store the weights of the FP32 convolutions ``convs`` as per-channel symmetric int8 and a DequantizeLinear
+    (in place); returns how many. The convolution still runs in FP32 on FP32 activations (the head's output
+    convolutions stay FP32 for speed: their outputs go straight to the decode); only the file shrinks (YOLOv5n: the
+    three output convolutions hold 115 k weights, 0.46 MB of a 2.5 MB INT8 file)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    wanted, nodes, done = set(convs), [], 0
+    for node in model.graph.node:
+        weight = consts.get(node.input[1]) if node.op_type == "Conv" and node.name in wanted else None
+        if weight is None or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 4:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)
+        scale = np.maximum(np.abs(w).reshape(len(w), -1).max(axis=1) / 127, 1e-12).astype(np.float32)
+        q = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+        name = weight.name
+        model.graph.initializer.remove(weight)
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale, f"{name}_scale"),
+                                        numpy_helper.from_array(np.zeros(len(w), np.int8), f"{name}_zero_point")])
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                                      [f"{name}_dequantized"], name=f"{node.name}_weight_dequantize", axis=0))
+        node.input[1] = f"{name}_dequantized"
+        nodes.append(node)
+        done += 1
+    if done:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return done
+
+
 def _named_nodes(model) -> None:
     """Give every node a unique name (ORT's node lists refer to names)."""
     seen = set()
@@ -365,13 +405,37 @@ def _named_nodes(model) -> None:
         seen.add(node.name)
 
 
+def _weight_overrides(src: Path, convs: list[str], per_channel: bool) -> dict:
+    """``TensorQuantOverrides`` giving the weights of ``convs`` asymmetric uint8 quantization.
+
+    ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2) add pairs of uint8 x int8 products in int16 and saturate
+    where a layer's inputs fill the uint8 range (YOLOv5n at 448: val mAP50-95 0.200 with every convolution u8s8,
+    0.238 with every convolution u8u8, FP32 0.245). u8u8 convolutions do not saturate, but run slower, so only the
+    convolutions the fallback finds most sensitive get them.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    wanted = set(convs)
+    spec = {"quant_type": QuantType.QUInt8, "symmetric": False, **({"axis": 0} if per_channel else {})}
+    return {n.input[1]: [dict(spec)] for n in graph.node if n.name in wanted}
+
+
 def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclude: list[str],
-              only: list[str] | None = None, rewrite: bool = True) -> int:
+              fallback: list[str] | None = None, only: list[str] | None = None, rewrite: bool = True) -> int:
     """``quantize_static`` to QDQ, then (with ``rewrite``) :func:`fold_concat_qdq` and
     :func:`quantize_before_space_to_depth`; returns how many Concats were folded. Both rewrites are bit-exact, so
-    files only read for the calibration cache or for an output error skip them (``rewrite=False``)."""
+    files only read for the calibration cache or for an output error skip them (``rewrite=False``). The ``fallback``
+    convolutions are kept FP32 or get uint8 weights, as ``cfg.fallback`` says."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fallback = fallback or []
+    overrides = _weight_overrides(src, fallback, cfg.granularity == "per_channel") \
+        if fallback and cfg.fallback == "uint8_weights" else {}
+    if cfg.fallback == "fp32":
+        exclude = exclude + fallback
 
     method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[cfg.calib_method]
@@ -382,13 +446,15 @@ def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclu
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
         nodes_to_quantize=only, calibrate_method=method, calibration_cache_path=str(cache),
         extra_options={"CalibMovingAverage": False, "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False,
+                       "TensorQuantOverrides": overrides,
                        "CalibStridedMinMax": 1},  # one batch at a time (see ImageReader)
     )
     if not rewrite:
         return 0
     model = onnx.load(str(dst))
     folded = fold_concat_qdq(model)
-    if quantize_before_space_to_depth(model) or folded:
+    moved = quantize_before_space_to_depth(model)
+    if int8_weights_only(model, exclude) or moved or folded:
         onnx.save(model, str(dst))
     return folded
 
@@ -408,17 +474,31 @@ def output_error(reference: Path | str, candidate: Path | str, images: np.ndarra
     return float((((ref - cand) * scale) ** 2).mean() / ((ref * scale) ** 2).mean())
 
 
+def ptq_graph(fp32_onnx: str | Path):
+    """The FP32 graph that :func:`ptq` quantizes: ``fp32_onnx`` with unique node names, the stem as SpaceToDepth +
+    convolution and the Resizes pinned to NCHW (none of which changes a value). Returns ``(model, space_to_depth
+    convolutions, pinned Resizes)``."""
+    import onnx
+
+    model = onnx.load(str(fp32_onnx))
+    _named_nodes(model)
+    rewritten = space_to_depth_stem(model)
+    return model, rewritten, pin_resize_layout(model)
+
+
 def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantConfig,
         evaluate_fn: Callable[[Path], float], fp32_map: float | None = None,
-        progress: bool = True, ranges: dict[str, tuple[float, float]] | None = None) -> QuantResult:
+        progress: bool = True, ranges: dict[str, tuple[float, float]] | None = None,
+        fallback: list[str] | None = None) -> QuantResult:
     """Quantize ``fp32_onnx`` to INT8 QDQ at ``out`` (atomically), with the sensitivity fallback.
 
     Args:
         fp32_onnx: an FP32 model from :func:`compression.export.export_onnx`.
         images: calibration images, ``[n, 3, s, s]`` float32 in [0, 1] (the model's input).
-        evaluate_fn: ONNX path -> mAP50-95 on the validation split (for the drop check).
+        evaluate_fn: ONNX path -> mAP50-95 on the held-out images (for the drop check).
         fp32_map: mAP50-95 of ``fp32_onnx`` if already known.
         ranges: tensor name -> (lo, hi) written over the calibrated ranges (the ranges QAT learned).
+        fallback: the fallback's convolutions, given instead of searched (QAT keeps those its PTQ file kept).
 
     Example:
         >>> res = ptq("fp32.onnx", "int8.onnx", train_images(data, 128, 640).numpy(), QuantConfig(), eval_fn)
@@ -429,10 +509,7 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
     t0 = time.perf_counter()
     out = Path(out)
     result = QuantResult("ptq", cfg.granularity, cfg.calib_method)
-    model = onnx.load(str(fp32_onnx))
-    _named_nodes(model)
-    result.space_to_depth = space_to_depth_stem(model)
-    result.pinned_resizes = pin_resize_layout(model)
+    model, result.space_to_depth, result.pinned_resizes = ptq_graph(fp32_onnx)
     imgsz = int(images.shape[-1])
     decode = decode_nodes(model)
     boundary = boundary_convs(model, decode)
@@ -455,16 +532,16 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
         result.fp32_mAP50_95 = fp32_map
         sensitivity = None
         best = None  # (mAP, path, fallback)
-        fallback: list[str] = []
-        for round_ in range(cfg.fallback_rounds + 1):
+        given, fallback = fallback is not None, list(fallback or [])
+        for round_ in range(1 if given else cfg.fallback_rounds + 1):
             cand = tmp / f"int8_{round_}.onnx"
-            folded = _quantize(src, cand, cache, reader if round_ == 0 else None, cfg, decode + boundary + fallback)
+            folded = _quantize(src, cand, cache, reader if round_ == 0 else None, cfg, decode + boundary, fallback)
             score = evaluate_fn(cand)
             result.rounds.append({"fallback": list(fallback), "mAP50_95": score})
             if best is None or score > best[0]:
                 best = (score, cand, list(fallback))
                 result.folded_concats = folded
-            if fp32_map - score <= cfg.max_int8_drop or round_ == cfg.fallback_rounds:
+            if fp32_map - score <= cfg.max_int8_drop or round_ == cfg.fallback_rounds or given:
                 break
             if sensitivity is None:  # one conv quantized at a time, on a few calibration images
                 probe = images[:8].astype(np.float32)
@@ -476,8 +553,8 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
             ranked = sorted(sensitivity, key=sensitivity.get, reverse=True)
             fallback = ranked[:3 * 2 ** round_]
         score, path, fallback = best
-        result.fallback_nodes = fallback
-        result.fp32_nodes = decode + boundary + fallback
+        result.fallback_nodes, result.fallback = fallback, cfg.fallback
+        result.fp32_nodes = decode + boundary + (fallback if cfg.fallback == "fp32" else [])
         tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         quantized = onnx.load(str(path))
         del quantized.metadata_props[:]
