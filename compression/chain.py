@@ -227,10 +227,11 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
 def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: dict, holdout: dict | None,
                    imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool) -> dict:
-    """PTQ of ``fp32_path`` (``qat_epochs == 0``) or QAT of ``student`` then INT8 export, into ``model_path``.
+    """PTQ of ``fp32_path`` into ``model_path``; with ``qat_epochs``, then QAT of ``student`` from that PTQ file.
 
-    The fallback's drop check and its choice of round compare mAP on the held-out train images (``holdout``; the
-    train split itself when none are held out), never on val."""
+    QAT trains the fake-quantized twin of the PTQ file (:func:`compression.qat.prepare_qat`) and ships its INT8
+    export only if it beats the PTQ file on the held-out train images (``holdout``; the train split itself when none
+    are held out), never on val; the fallback's drop check and its choice of round read the same images."""
     import math
     import tempfile
 
@@ -240,32 +241,40 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
     from compression.distill import distill
     from compression.evaluate import evaluate
     from compression.export import export_onnx
-    from compression.qat import learned_ranges, prepare_qat, set_fake_quant
-    from compression.quantize import ptq
+    from compression.qat import learned_ranges, prepare_qat, strip_qat_
+    from compression.quantize import ptq, ptq_graph
 
     qcfg = cfg.quant_config()
     images = train_images(train, qcfg.calib_images, imgsz, cfg.seed)
+    chosen_on = "holdout" if holdout else "train"
     choose_on = holdout or {**train, "val": train["train"]}  # no held-out images: the train split, never val
 
     def eval_fn(path):
         return evaluate(path, choose_on, imgsz, progress=False).mAP50_95
 
     if cfg.qat_epochs == 0:
-        res = ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, progress=progress)
-        return {**asdict(res), "chosen_on": "holdout" if holdout else "train"}
+        return {**asdict(ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, progress=progress)),
+                "chosen_on": chosen_on}
     t0 = time.perf_counter()
-    qmodel = prepare_qat(student, qcfg.granularity == "per_channel", images[:32])
-    steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
-    qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz, holdout=holdout,
-                              on_eval=lambda r: on_eval("qat", r), progress=progress)
-    set_fake_quant(qmodel, False)
     with tempfile.TemporaryDirectory(prefix="yc-qat-") as tmp:
-        qat_fp32 = Path(tmp) / "qat_fp32.onnx"
-        export_onnx(qmodel, imgsz, qat_fp32)
-        ranges = learned_ranges(qmodel, onnx.load(str(qat_fp32)))
-        res = ptq(qat_fp32, model_path, images.numpy(), qcfg, eval_fn, progress=progress, ranges=ranges)
-    res.method = "qat"
-    out = asdict(res)
-    out.update(qat=asdict(trained), learned_ranges=len(ranges), seconds=time.perf_counter() - t0,
-               chosen_on="holdout" if holdout else "train")
-    return out
+        ptq_path, qat_fp32, qat_path = (Path(tmp) / n for n in ("ptq.onnx", "qat_fp32.onnx", "qat.onnx"))
+        shipped = ptq(fp32_path, ptq_path, images.numpy(), qcfg, eval_fn, progress=progress)
+        ptq_map = max(r["mAP50_95"] for r in shipped.rounds)  # the round ptq shipped
+        qmodel, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
+        steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
+        qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz,
+                                  holdout=holdout, on_eval=lambda r: on_eval("qat", r), progress=progress)
+        qat = {"qat": asdict(trained), "matched": matched, "ptq_mAP50_95": ptq_map, "qat_mAP50_95": None}
+        method, best_path = "ptq", ptq_path
+        if trained.best_step > 0:  # a trained checkpoint beat the PTQ file's twin: export it and compare the files
+            ranges = learned_ranges(qmodel)
+            export_onnx(strip_qat_(qmodel), imgsz, qat_fp32)
+            res = ptq(qat_fp32, qat_path, images.numpy(), qcfg, eval_fn, fp32_map=shipped.fp32_mAP50_95,
+                      progress=progress, ranges=ranges, fallback=shipped.fallback_nodes)
+            qat["qat_mAP50_95"] = res.rounds[-1]["mAP50_95"]
+            if qat["qat_mAP50_95"] > ptq_map:
+                method, best_path, shipped = "qat", qat_path, res
+        tmp_out = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
+        shutil.copyfile(best_path, tmp_out)
+        tmp_out.replace(model_path)
+    return {**asdict(shipped), **qat, "method": method, "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}

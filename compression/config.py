@@ -72,7 +72,7 @@ class TrialConfig:
         return DistillConfig(steps=self.qat_epochs * steps_per_epoch, kd_temperature=self.kd_temperature, kd_alpha=1.0,
                              kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="sgd",
                              batch=self.batch, mosaic=0.0, crop=0, device=self.device, seed=self.seed,
-                             warmup_steps=0, evals=self.qat_epochs)
+                             warmup_steps=0, evals=self.qat_epochs, freeze_bn=True)  # BN folds into the INT8 weights
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(sparsity=self.sparsity, method=self.prune_method, importance=self.prune_importance,

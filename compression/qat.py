@@ -1,11 +1,16 @@
-"""Quantization-aware training: fake-quantized convolutions trained by distillation, exported as INT8 QDQ ONNX.
+"""Quantization-aware training that starts where post-training quantization ends.
 
-BN is folded into the convolutions first (so the trained weights are the exported ones). Each convolution then sees
-its input and its output through uint8 fake-quantization with learnable scale and zero point (LSQ, initialised from
-the 0.01%/99.99% quantiles of calibration activations) and its weight through symmetric int8 fake-quantization, per
-channel or per tensor, with the scale ONNX Runtime will use (``max|w| / 127``). After training, the FP32 graph of
-the trained weights is exported and quantized by ONNX Runtime in QDQ format, with the learned ranges written over
-the calibrated ones for every tensor they cover; the decode stays FP32 exactly as in post-training quantization.
+The fake quantization is read from the INT8 file PTQ shipped, not re-derived: every activation tensor that file
+quantizes (its ``QuantizeLinear`` nodes: convolution outputs, SiLU's sigmoid and product, residual sums, pools,
+upsamplings, the input) gets a fake-quantizer in torch with that file's scale and zero point, and every convolution
+whose weights it holds in INT8 gets a BN-folded symmetric int8 weight fake-quantizer with ONNX Runtime's scale
+(``max|w| / 127`` per output channel or per tensor). What the file keeps FP32 (the decode, the boundary convolutions,
+the fallback's convolutions) stays FP32 here. Torch points are found by value: one image through the FP32 graph
+PTQ quantized and through the torch model, each quantized ONNX tensor matched to the module output equal to it.
+
+After training, the torch model is stripped back to the plain student (same modules, trained weights), exported, and
+quantized by ONNX Runtime with the learned ranges written over the calibrated ones and the same FP32 convolutions:
+with no training steps that reproduces the PTQ file within rounding.
 """
 
 from __future__ import annotations
@@ -15,143 +20,248 @@ import copy
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 QMAX = 255  # uint8 activations
 
 
-def fuse_bn(model: nn.Module) -> nn.Module:
-    """Fold every ultralytics Conv block's BatchNorm into its convolution (in place), as ultralytics' own fuse."""
-    from ultralytics.nn.modules import Conv
-    from ultralytics.utils.torch_utils import fuse_conv_and_bn
-
-    for m in model.modules():
-        if isinstance(m, Conv) and hasattr(m, "bn"):
-            m.conv = fuse_conv_and_bn(m.conv, m.bn)
-            delattr(m, "bn")
-            m.forward = m.forward_fuse
-    return model
-
-
 class ActQuant(nn.Module):
-    """uint8 fake-quantization with learnable scale and zero point (LSQ); ``observe`` mode records the range."""
+    """uint8 fake quantization with a learnable scale (LSQ) and the zero point of the PTQ file."""
 
-    def __init__(self):
+    def __init__(self, scale: float, zero_point: int, tensors: list[str]):
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(1))  # shape [1]: what the learnable fake-quant op expects
-        self.zero_point = nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.register_buffer("lo", torch.tensor(float("inf")))
-        self.register_buffer("hi", torch.tensor(float("-inf")))
-        self.observe, self.enabled = False, True
-
-    def init_from_range(self):
-        lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
-        scale = max(hi - lo, 1e-8) / QMAX
-        with torch.no_grad():
-            self.scale.fill_(scale)
-            self.zero_point.fill_(float(min(QMAX, max(0, round(-lo / scale)))))
+        self.scale = nn.Parameter(torch.tensor([float(scale)]))  # shape [1]: what the learnable fake-quant op expects
+        self.zero_point = nn.Parameter(torch.tensor([float(zero_point)]), requires_grad=False)
+        self.tensors = list(tensors)  # the ONNX tensors this quantizer stands for
 
     def range(self) -> tuple[float, float]:
+        """The (lo, hi) from which ONNX Runtime computes this scale and zero point again."""
         s, z = float(self.scale.detach().abs()), float(self.zero_point.detach())
         return (0 - z) * s, (QMAX - z) * s
 
-    def forward(self, x):
-        if self.observe:  # 0.01% / 99.99% quantiles, not min/max: rare outliers would waste the 256 levels
-            flat = x.detach().flatten()
-            if flat.numel() > 1_000_000:
-                flat = flat[torch.randint(flat.numel(), (1_000_000,), device=flat.device)]
-            lo, hi = torch.quantile(flat.float(), torch.tensor([1e-4, 1 - 1e-4], device=flat.device))
-            self.lo = torch.minimum(self.lo, lo)
-            self.hi = torch.maximum(self.hi, hi)
-            return x
-        if not self.enabled:
-            return x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         grad = 1.0 / (x.numel() / x.shape[0] * QMAX) ** 0.5
         # In float32 also under mixed precision (CUDA autocast hands float16 activations to this op).
         return torch._fake_quantize_learnable_per_tensor_affine(
             x.float(), self.scale.abs() + 1e-9, self.zero_point, 0, QMAX, grad).to(x.dtype)
 
+    # Hooks are bound methods of the quantizer (a submodule of the model), so a deepcopy of the model (distill's
+    # copy, its EMA) calls its own quantizers, not the original's.
+    def output_hook(self, _module, _inputs, output):
+        return self(output)
 
-class QuantConv(nn.Module):
-    """A (BN-folded) Conv2d with fake-quantized input, weight and output."""
+    def input_hook(self, _module, inputs):
+        return (self(inputs[0]), *inputs[1:])
 
-    def __init__(self, conv: nn.Conv2d, per_channel: bool):
+
+class FoldedWeightQuant(nn.Module):
+    """Parametrization of a convolution weight: folded with the frozen BN after it, fake-quantized as ONNX Runtime
+    will quantize the exported (folded) weight (symmetric int8, or asymmetric uint8 for the fallback's convolutions),
+    and unfolded again, so that conv -> BN computes the INT8 convolution. Without a BN the weight is quantized as is."""
+
+    def __init__(self, bn: nn.BatchNorm2d | None, per_channel: bool, signed: bool = True):
         super().__init__()
-        self.conv, self.per_channel = conv, per_channel
-        self.act_in, self.act_out = ActQuant(), ActQuant()
+        object.__setattr__(self, "bn", bn)  # not a submodule: the BN stays where it is, once in the state dict
+        self.per_channel, self.signed = per_channel, signed
 
-    def weight_q(self):
-        w = self.conv.weight
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            s = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
+        else:
+            s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+            s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
+        s = s.view(-1, 1, 1, 1)
+        folded = w * s
+        flat = folded.detach().float().reshape(w.shape[0] if self.per_channel else 1, -1)
+        if self.signed:  # symmetric: scale max|w| / 127, zero point 0, levels -127..127
+            scale = (flat.abs().amax(dim=1) / 127).clamp(min=1e-12)
+            zp, lo, hi = torch.zeros_like(scale, dtype=torch.int32), -127, 127
+        else:  # asymmetric uint8 over [min(w, 0), max(w, 0)]
+            wmin, wmax = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
+            scale = ((wmax - wmin) / 255).clamp(min=1e-12)
+            zp, lo, hi = torch.round(-wmin / scale).to(torch.int32), 0, 255
         if self.per_channel:
-            scale = (w.detach().abs().amax(dim=(1, 2, 3)) / 127).clamp(min=1e-12)
-            zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-            return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -127, 127)
-        scale = float((w.detach().abs().max() / 127).clamp(min=1e-12))
-        return torch.fake_quantize_per_tensor_affine(w, scale, 0, -127, 127)
+            q = torch.fake_quantize_per_channel_affine(folded.float(), scale, zp, 0, lo, hi)
+        else:
+            q = torch.fake_quantize_per_tensor_affine(folded.float(), float(scale), int(zp), lo, hi)
+        return q.to(w.dtype) / s
+
+
+class SplitSiLU(nn.Module):
+    """``x * sigmoid(x)`` with the sigmoid as a module of its own: ONNX exports SiLU as Sigmoid then Mul, and ONNX
+    Runtime quantizes both outputs, so both need a point to fake-quantize at."""
+
+    def __init__(self, group: int = 0):
+        super().__init__()
+        self.sigmoid = nn.Sigmoid()
+        self.group = group  # SiLUs that were one module (ultralytics shares one) become one module again
 
     def forward(self, x):
-        if not self.act_in.enabled or self.act_in.observe:
-            return self.act_out(self.conv(self.act_in(x)))
-        y = nn.functional.conv2d(self.act_in(x), self.weight_q(), self.conv.bias, self.conv.stride,
-                                 self.conv.padding, self.conv.dilation, self.conv.groups)
-        return self.act_out(y)
+        return x * self.sigmoid(x)
 
 
-def prepare_qat(model: nn.Module, per_channel: bool, calib: torch.Tensor, batch: int = 8) -> nn.Module:
-    """A BN-folded copy of ``model`` with every Conv2d fake-quantized, its activation scales calibrated on ``calib``."""
-    model = fuse_bn(copy.deepcopy(model).cpu().float().eval())
-    # ultralytics' DFL conv is a fixed projection (bins 0..15), not a learned layer: leave it FP32 and frozen
-    targets = [(parent, name, child) for parent in model.modules() if type(parent).__name__ != "DFL"
-               for name, child in parent.named_children() if isinstance(child, nn.Conv2d)]
-    for _, _, child in targets:
-        child.requires_grad_(True)  # fuse_conv_and_bn hands back frozen convs
-    for parent, name, child in targets:
-        setattr(parent, name, QuantConv(child, per_channel))
-    quants = [m for m in model.modules() if isinstance(m, ActQuant)]
-    for q in quants:
-        q.observe = True
-    with torch.no_grad():
-        for i in range(0, len(calib), batch):
-            model(calib[i:i + batch])
-    for q in quants:
-        q.observe = False
-        q.init_from_range()
-    return model
-
-
-def set_fake_quant(model: nn.Module, enabled: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            m.enabled = enabled
-        if isinstance(m, QuantConv):
-            m.act_in.enabled = m.act_out.enabled = enabled
-
-
-def learned_ranges(model: nn.Module, onnx_model) -> dict[str, tuple[float, float]]:
-    """ONNX tensor name -> (lo, hi) learned by QAT, for the inputs and outputs of the matched Conv nodes.
-
-    Torch convs are matched to ONNX Conv nodes by their (exported, identical) weights; a tensor read by several
-    convs gets the union of their ranges.
-    """
+def qdq_params(int8_model) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[bool, bool]]]:
+    """What a QDQ file quantizes: activation tensor -> (scale, zero point) of its ``QuantizeLinear``, and the output
+    tensor of each convolution with 8-bit weights -> (per channel, signed)."""
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in onnx_model.graph.initializer}
-    convs = [m for m in model.modules() if isinstance(m, QuantConv)]
+    consts = {t.name: numpy_helper.to_array(t) for t in int8_model.graph.initializer}
+    producers = {o: n for n in int8_model.graph.node for o in n.output}
+    acts, convs = {}, {}
+    for node in int8_model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in consts and node.input[1] in consts:
+            scale = consts[node.input[1]]
+            zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] in consts else np.zeros(1)
+            if scale.size == 1:
+                acts[node.input[0]] = (float(scale), int(zp))
+        elif node.op_type == "Conv":
+            w = producers.get(node.input[1])
+            if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in consts:
+                convs[node.output[0]] = (consts[w.input[1]].size > 1, consts[w.input[0]].dtype == np.int8)
+    return acts, convs
+
+
+def _onnx_values(graph, names: list[str], image: np.ndarray) -> dict[str, np.ndarray]:
+    """The values of ``names`` in ``graph`` (an FP32 ONNX model) for ``image``."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compression.runtime import onnx_session
+
+    g = copy.deepcopy(graph)
+    known = {o.name for o in g.graph.output}
+    g.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names if n not in known)
+    with tempfile.TemporaryDirectory(prefix="yc-qat-") as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(g, str(path))
+        sess = onnx_session(path)
+        return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: image})))
+
+
+def _module_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
+    """(module name, call index, output) of every tensor-valued module call for ``image``."""
+    records, handles, calls = [], [], {}
+
+    def hook(name):
+        def fn(_m, _i, out):
+            if torch.is_tensor(out):
+                records.append((name, calls.get(name, 0), out.detach()))
+            calls[name] = calls.get(name, 0) + 1
+        return fn
+
+    for name, m in model.named_modules():
+        if name:
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model.eval()(image)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor) -> tuple[nn.Module, dict]:
+    """A copy of ``student`` that computes what the QDQ file ``int8_model`` computes, with fake quantization.
+
+    Args:
+        student: the FP32 model the file was quantized from.
+        int8_model: the PTQ file (an ``onnx.ModelProto``): its scales, zero points and INT8 convolutions.
+        fp32_graph: the FP32 graph it was quantized from (:func:`compression.quantize.ptq_graph`), for matching.
+        probe: one image ``[1, 3, s, s]`` in [0, 1] for matching ONNX tensors to torch module outputs.
+
+    Returns ``(model, summary)``: the summary counts the quantized tensors matched, the weights fake-quantized and
+    lists the tensors no torch output matched (their quantization is then not simulated).
+    """
+    from ultralytics.nn.modules import Conv
+
+    model = copy.deepcopy(student).cpu().float().eval()
+    groups: dict[int, int] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.SiLU:
+                setattr(parent, name, SplitSiLU(groups.setdefault(id(child), len(groups))))
+    acts, convs = qdq_params(int8_model)
+    input_name = fp32_graph.graph.input[0].name
+    # activations to fake-quantize, and the outputs of the convolutions whose weights are 8-bit (weight-only ones too)
+    names = [t for t in acts if t != input_name] + [t for t in convs if t not in acts]
+    want = _onnx_values(fp32_graph, names, probe.numpy())
+    records = _module_outputs(model, probe)
     by_shape: dict[tuple, list] = {}
-    for m in convs:
-        by_shape.setdefault(tuple(m.conv.weight.shape), []).append(m)
-    ranges: dict[str, tuple[float, float]] = {}
-
-    def add(name, rng):
-        old = ranges.get(name)
-        ranges[name] = rng if old is None else (min(old[0], rng[0]), max(old[1], rng[1]))
-
-    for node in onnx_model.graph.node:
-        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in inits:
+    for name, call, out in records:
+        by_shape.setdefault(tuple(out.shape), []).append((name, call, out))
+    points: dict[str, list[str]] = {}  # module name -> ONNX tensors quantized at its output
+    unmatched = []
+    for t in names:
+        ref = torch.from_numpy(want[t])
+        tol = 1e-3 * float(ref.abs().max()) + 1e-5
+        found = [(float((out - ref).abs().max()), n) for n, _, out in by_shape.get(tuple(ref.shape), [])]
+        found = [(err, n) for err, n in found if err <= tol]
+        if not found:
+            unmatched.append(t)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        for m in by_shape.get(tuple(w.shape), []):
-            if np.allclose(m.conv.weight.detach().numpy(), w, atol=1e-6):
-                add(node.input[0], m.act_in.range())
-                add(node.output[0], m.act_out.range())
-                break
-    return ranges
+        # the closest output (a conv's output is near its BN's when the BN is near identity), then the innermost
+        # module of those that produce it (a Conv block's output is its activation's)
+        module = min(found, key=lambda en: (en[0] > 2 * min(found)[0] + 1e-7, -en[1].count(".")))[1]
+        points.setdefault(module, []).append(t)
+    quantizers = nn.ModuleDict()
+    modules = dict(model.named_modules())
+    for i, (module, tensors) in enumerate(points.items()):
+        quantized = [t for t in tensors if t in acts]
+        if not quantized:
+            continue
+        scale, zp = acts[quantized[0]]
+        q = ActQuant(scale, zp, quantized)
+        quantizers[f"p{i}"] = q
+        modules[module].register_forward_hook(q.output_hook)
+    if input_name in acts:
+        q = ActQuant(*acts[input_name], [input_name])
+        quantizers["input"] = q
+        model.register_forward_pre_hook(q.input_hook)
+    weights = 0
+    conv_of_bn = {id(m.bn): m.conv for m in model.modules() if isinstance(m, Conv) and hasattr(m, "bn")}
+    for module, tensors in points.items():
+        kind = next((convs[t] for t in tensors if t in convs), None)
+        if kind is None:
+            continue
+        m = modules[module]
+        conv, bn = (conv_of_bn[id(m)], m) if id(m) in conv_of_bn else (m, None)
+        if isinstance(conv, nn.Conv2d) and not parametrize.is_parametrized(conv, "weight"):
+            parametrize.register_parametrization(conv, "weight", FoldedWeightQuant(bn, *kind))
+            weights += 1
+    model.qat_points = quantizers
+    matched = {t for tensors in points.values() for t in tensors} | ({input_name} & set(acts))
+    summary = {"tensors": len(acts), "matched": len(matched & set(acts)),
+               "weights": weights, "int8_convs": len(convs), "unmatched": unmatched}
+    return model, summary
+
+
+def learned_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """ONNX tensor name -> the (lo, hi) its fake-quantizer holds now (the PTQ file's before training)."""
+    return {t: q.range() for q in model.qat_points.values() for t in q.tensors}
+
+
+def strip_qat_(model: nn.Module) -> nn.Module:
+    """Turn a :func:`prepare_qat` model (or a copy of one) back into the plain student, in place, with its trained
+    weights: hooks, weight parametrizations, split SiLUs and quantizers removed. Returns ``model``."""
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if isinstance(getattr(fn, "__self__", None), ActQuant)]:
+                del hooks[key]
+    silus: dict[int, nn.SiLU] = {}
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            # the weight back in front of the bias: the exporter names constants in parameter order
+            params = dict(m._parameters)
+            m._parameters.clear()
+            m._parameters.update({"weight": params.pop("weight"), **params})
+        for name, child in list(m.named_children()):
+            if isinstance(child, SplitSiLU):
+                setattr(m, name, silus.setdefault(child.group, nn.SiLU()))
+    if hasattr(model, "qat_points"):
+        del model.qat_points
+    return model

@@ -113,3 +113,16 @@ def tiny_ultralytics():
     model = load_model("yolov5n.yaml", nc=2)
     model.names = {0: "square", 1: "disc"}
     return model
+
+
+def lively(model, images: torch.Tensor):
+    """A copy of ``model`` whose BN statistics are those of ``images``: random weights with the default statistics
+    shrink activations layer by layer to nothing, and every deep tensor then looks like every other."""
+    model = copy.deepcopy(model).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+    with torch.no_grad():
+        model(images)
+    return model.eval()

@@ -179,11 +179,21 @@ def test_out_of_range_values_are_refused(kwargs, field):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("qat", [False, True])
 def test_distill_and_qat_epochs_on_cuda_give_a_cpu_model_that_exports(tiny_yolov5, tiny_data, tmp_path, qat):
+    import onnx
+
     from compression.export import export_onnx
-    from compression.qat import prepare_qat, set_fake_quant
+    from compression.qat import prepare_qat, strip_qat_
+    from compression.quantize import QuantConfig, ptq, ptq_graph
 
     data = load_data_config(tiny_data, ("train", "val"))
-    student = prepare_qat(tiny_yolov5, per_channel=True, calib=torch.rand(8, 3, 64, 64)) if qat else tiny_yolov5
+    student = tiny_yolov5
+    if qat:
+        calib = torch.rand(8, 3, 64, 64)
+        export_onnx(tiny_yolov5, 64, tmp_path / "fp32.onnx")
+        ptq(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", calib.numpy(), QuantConfig(fallback_rounds=0),
+            lambda p: 0.5, fp32_map=0.5, progress=False)
+        student, _ = prepare_qat(tiny_yolov5, onnx.load(str(tmp_path / "int8.onnx")),
+                                 ptq_graph(tmp_path / "fp32.onnx")[0], calib[:1])
     train, holdout = holdout_split(data, 2)
     trained, result = distill(student, tiny_yolov5, train, DistillConfig(steps=4, evals=2, batch=4, device="cuda"), 64,
                               holdout=holdout, progress=False)  # mixed precision: fake-quant sees float16 activations
@@ -191,5 +201,5 @@ def test_distill_and_qat_epochs_on_cuda_give_a_cpu_model_that_exports(tiny_yolov
     assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in result.evals), result.evals
     assert {p.device.type for p in trained.parameters()} == {"cpu"}
     if qat:
-        set_fake_quant(trained, False)
+        strip_qat_(trained)
     export_onnx(trained, 64, tmp_path / "model.onnx")  # checks ONNX Runtime against torch on the CPU

@@ -4,9 +4,12 @@ import pytest
 import torch
 
 from compression.export import export_onnx
-from compression.qat import learned_ranges, prepare_qat, set_fake_quant
-from compression.quantize import QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq, space_to_depth_stem
+from compression.qat import _onnx_values as onnx_values
+from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
+from compression.quantize import (QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq, ptq_graph,
+                                 space_to_depth_stem)
 from compression.runtime import onnx_session
+from conftest import lively
 
 IMGSZ = 64
 
@@ -18,8 +21,8 @@ def calib():
 
 
 @pytest.fixture(scope="module", params=["tiny_yolov5", "tiny_ultralytics"])
-def fp32(request, tmp_path_factory):
-    model = request.getfixturevalue(request.param)
+def fp32(request, tmp_path_factory, calib):
+    model = lively(request.getfixturevalue(request.param), calib)
     path = tmp_path_factory.mktemp("fp32") / "model.onnx"
     export_onnx(model, IMGSZ, path)
     return model, path
@@ -177,24 +180,108 @@ def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path):
     assert set(res.fallback_nodes) <= set(conv_nodes(onnx.load(str(fp32[1]))))
 
 
-def test_qat_export_runs_in_int8_and_matches_the_fake_quant_model(fp32, calib, tmp_path):
-    model, _ = fp32
-    qmodel = prepare_qat(model, per_channel=True, calib=calib)
-    x = calib[:2]
+def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32, calib, tmp_path):
+    model, path = fp32
+    # every convolution with uint8 weights (the fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime
+    # computes what the fake quantization does on any CPU
+    cfg = QuantConfig(fallback_rounds=0)
+    graph = ptq_graph(path)[0]
+    convs = conv_nodes(graph)
+    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5, progress=False, fallback=convs)
+    int8 = onnx.load(str(tmp_path / "ptq.onnx"))
+    qmodel, summary = prepare_qat(model, int8, graph, calib[:1])
+    # every tensor and every convolution the file quantizes is simulated in torch; the ultralytics head quantizes a
+    # few tensors inside its forward (the DFL's reshapes and softmax), which no module outputs
+    head = f"/model.{len(model.model) - 1}/"
+    assert all(t.startswith(head) for t in summary["unmatched"]) and len(summary["unmatched"]) <= 6
+    assert summary["matched"] == summary["tensors"] - len(summary["unmatched"]) > 0
+    assert summary["weights"] == summary["int8_convs"] > 0
+
+    # the fake-quantized torch model computes what the INT8 file computes: layer by layer within rounding (the first
+    # layers; a random deep model then amplifies every difference), and at the output closer than the FP32 model
+    x = calib[2:3]
+    quantized = [(q, t) for q in qmodel.qat_points.values() for t in q.tensors]
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.setdefault(id(m), o.detach()))
+             for m in qmodel.modules() if any(isinstance(getattr(h, "__self__", None), type(quantized[0][0]))
+                                              for h in m._forward_hooks.values())]
     with torch.no_grad():
-        fq = qmodel(x)
-    set_fake_quant(qmodel, False)
-    path = tmp_path / "qat_fp32.onnx"
-    export_onnx(qmodel, IMGSZ, path)
-    ranges = learned_ranges(qmodel, onnx.load(str(path)))
-    assert len(ranges) >= len([n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"])
-    res = ptq(path, tmp_path / "qat.onnx", calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.5,
-              fp32_map=0.5, progress=False, ranges=ranges)
-    assert res.learned_ranges >= len(ranges) // 2 and int8_weight_count(tmp_path / "qat.onnx") > 0
-    got = torch.from_numpy(run(tmp_path / "qat.onnx", x.numpy()))
-    scores = slice(4, None)  # compare scores (0..1); boxes are pixels
-    err = (got[:, scores] - fq[:, scores]).abs().mean() / fq[:, scores].abs().mean().clamp(min=1e-6)
-    assert err < 0.25, float(err)
+        fq, plain = qmodel(x), model.eval()(x)
+    for h in hooks:
+        h.remove()
+    dequantized = {n.input[0]: n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
+    dq = {n.input[0]: dequantized[n.output[0]] for n in int8.graph.node
+          if n.op_type == "QuantizeLinear" and n.output[0] in dequantized}
+    first = [(q, t) for q, t in quantized if t in dq][:12]
+    values = onnx_values(int8, [dq[t] for _, t in first], x.numpy())
+    owner = {id(h.__self__): m for m in qmodel.modules() for h in m._forward_hooks.values()
+             if hasattr(h, "__self__")}
+    for q, t in first:
+        lsb = np.abs(values[dq[t]] - seen[id(owner[id(q)])].numpy()) / float(q.scale)
+        mean, worst = float(lsb.mean()), float(lsb.max())  # ONNX Runtime's sigmoid is a table: a few steps off
+        assert mean < 0.1 and worst < 6.5, (t, mean, worst)
+    got = torch.from_numpy(run(tmp_path / "ptq.onnx", x.numpy()))
+    scores = slice(4, None)  # scores (0..1); boxes are pixels
+    sim_err = (got[:, scores] - fq[:, scores]).abs().mean()
+    fp32_err = (got[:, scores] - plain[:, scores]).abs().mean()
+    assert sim_err < 0.8 * fp32_err, (float(sim_err), float(fp32_err))
+
+    # no training: the plain student comes back, and quantized with the fake-quantizers' ranges it is the PTQ file
+    ranges = learned_ranges(qmodel)
+    assert len(ranges) == summary["matched"]
+    stripped = strip_qat_(qmodel)
+    after, before = stripped.state_dict(), model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    export_onnx(stripped, IMGSZ, tmp_path / "qat_fp32.onnx")
+    ptq(tmp_path / "qat_fp32.onnx", tmp_path / "qat.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5,
+        progress=False, ranges=ranges, fallback=convs)
+    # the same quantization: every activation's scale and zero point, every convolution's 8-bit weights and scales
+    # (by name: the exporter numbers unnamed constants afresh, and ultralytics' head caches its anchors as constants
+    # once it has run)
+    again = onnx.load(str(tmp_path / "qat.onnx"))
+    acts_a, acts_b = qdq_params(int8)[0], qdq_params(again)[0]
+    assert acts_a.keys() == acts_b.keys()
+    for t, (scale, zp) in acts_a.items():  # a range rebuilt from (scale, zero point) may be half a step wider
+        assert acts_b[t][0] == pytest.approx(scale, rel=1 / 255) and abs(acts_b[t][1] - zp) <= 1, t
+    weights_a, weights_b = conv_weights(int8), conv_weights(again)
+    assert weights_a.keys() == weights_b.keys() and len(weights_a) == summary["int8_convs"]
+    for name, (q, scale) in weights_a.items():
+        assert np.abs(q.astype(int) - weights_b[name][0].astype(int)).max() <= 1, name
+        np.testing.assert_allclose(scale, weights_b[name][1], rtol=1e-5, err_msg=name)
+
+
+def conv_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Conv node name -> (8-bit weight, scale) of a QDQ file."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for node in model.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in consts:
+            out[node.name] = consts[dq.input[0]], consts[dq.input[1]]
+    return out
+
+
+def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
+    """Symmetric int8 weights (the default): the torch fake-quantized, BN-folded weight is the file's dequantized one."""
+    from onnx import numpy_helper
+
+    model, path = fp32
+    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.5, fp32_map=0.5,
+        progress=False)
+    int8 = onnx.load(str(tmp_path / "ptq.onnx"))
+    qmodel, summary = prepare_qat(model, int8, ptq_graph(path)[0], calib[:1])
+    assert summary["weights"] == summary["int8_convs"] > 0
+    consts = {t.name: numpy_helper.to_array(t) for t in int8.graph.initializer}
+    producers = {o: n for n in int8.graph.node for o in n.output}
+    node = next(n for n in int8.graph.node if n.name == "/model.1/conv/Conv")  # both families: a plain 3x3 Conv
+    dq = producers[node.input[1]]
+    w_file = consts[dq.input[0]].astype(np.float32) * consts[dq.input[1]].reshape(-1, 1, 1, 1)
+    block = qmodel.get_submodule("model.1")
+    s = (block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)).view(-1, 1, 1, 1)
+    np.testing.assert_allclose((block.conv.weight * s).detach().numpy(), w_file, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_quant_values_are_refused():
@@ -219,9 +306,11 @@ def test_yolov5n_ptq_per_channel_keeps_its_accuracy(tmp_path):
     fp32 = tmp_path / "fp32.onnx"
     export_onnx(load_model(YOLOV5N_PT), 640, fp32)
     int8 = tmp_path / "int8.onnx"
-    res = ptq(fp32, int8, train_images(data, 64, 640).numpy(), QuantConfig(fallback_rounds=0),
+    res = ptq(fp32, int8, train_images(data, 64, 640).numpy(), QuantConfig(),
               lambda p: evaluate(p, data, 640, progress=False).mAP50_95, fp32_map=0.3301, progress=False)
-    assert res.rounds[0]["mAP50_95"] >= 0.315  # FP32 0.330; ONNX Runtime's defaults give 0.000
+    # FP32 0.330; ONNX Runtime's defaults give 0.000; every convolution u8s8 0.282 on an AVX2 CPU (saturation), so
+    # the fallback gives the most sensitive ones uint8 weights
+    assert max(r["mAP50_95"] for r in res.rounds) >= 0.315
     assert int8.stat().st_size <= 0.35 * fp32.stat().st_size and int8_weight_count(int8) >= 50
 
 
