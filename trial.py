@@ -11,7 +11,8 @@ Standalone:
     python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco1k/data.yaml \\
         --imgsz 640 --out runs/t1 --set sparsity=0.2 --set quantize=false
 
-Writes OUT/model.onnx, OUT/fp32.onnx and, last, OUT/report.json. This is the only file that imports nni.
+``--set deploy_imgsz=448`` runs the trial at 448 px against the FP32 baseline at ``--imgsz``. Writes OUT/model.onnx,
+OUT/fp32.onnx and, last, OUT/report.json. This is the only file that imports nni.
 """
 
 from __future__ import annotations

@@ -85,76 +85,82 @@ def _fixed_size(session) -> int | None:
 
 
 def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: int | None = None, runs: int = 50,
-                   warmup: int = 10, threads: int | None = None, progress: bool = True) -> tuple[BenchResult, BenchResult]:
+                   warmup: int = 10, threads: int | None = None, progress: bool = True,
+                   sessions: int = 5) -> tuple[BenchResult, BenchResult]:
     """Time ``model`` and ``baseline`` in the same run, alternating blocks of runs of each, so that the machine's
     load drifts affect both alike; returns ``(model, baseline)`` results (compare only these two with each other).
 
-    Each file runs at its own fixed input size (a model exported at 448 px against the FP32 baseline at 640: the
-    ratio then includes the resolution); ``imgsz`` is for files with a dynamic size. Each result keeps its timed
-    runs block by block (``blocks``), from which :func:`ratio_interval` gives the uncertainty of the ratio.
+    The runs are spread over ``sessions`` fresh pairs of ONNX Runtime sessions: on 2 shared cores the ratio moved
+    from 0.39 to 0.47 between session pairs created one after the other in one process, as much as between
+    processes, so one pair of sessions says little about the next. Each result keeps its timings per session
+    (``blocks``), from which :func:`ratio_interval` gives the uncertainty of the ratio. Each file runs at its own
+    fixed input size (a model exported at 448 px against the FP32 baseline at 640: the ratio then includes the
+    resolution); ``imgsz`` is for files with a dynamic size.
     """
     if runs < 30:
         raise UserError(f"runs must be >= 30 for a stable median and p90, got {runs}")
-    paths, sessions, sizes = (model, baseline), [], []
+    if not 1 <= sessions <= runs // 5:
+        raise UserError(f"sessions must be in 1..{runs // 5} for {runs} runs, got {sessions}")
+    paths, sizes = (model, baseline), []
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"ONNX model '{path}' not found")
-        session = onnx_session(path, threads)
-        fixed = _fixed_size(session)
+        fixed = _fixed_size(onnx_session(path, threads))
         if fixed and imgsz and fixed != imgsz:
             raise UserError(f"ONNX model '{path}' has a fixed input of {fixed} px, but imgsz={imgsz} was asked")
-        sessions.append(session)
         sizes.append(fixed or imgsz or 640)
     rng = np.random.default_rng(0)
-    feeds = [{s.get_inputs()[0].name: rng.random((1, 3, n, n), dtype=np.float32)} for s, n in zip(sessions, sizes)]
-    for k, session in enumerate(sessions):
-        for _ in range(warmup):
-            session.run(None, feeds[k])
+    inputs = [rng.random((1, 3, n, n), dtype=np.float32) for n in sizes]
     # Blocks of runs, alternating: ONNX Runtime's idle threads spin for a moment after a run and slow the other
     # session down if the two alternate run by run (INT8 suffered most: 0.86x FP32 interleaved run by run, 0.78x
     # timed apart); the first runs of each block, where the other pool may still spin, are not counted.
     block, skip = 10, 3
-    blocks: list[list[list[float]]] = [[], []]
+    timings: list[list[list[float]]] = [[], []]  # per file, per session pair
+    threads_used = 0
     with tqdm(total=2 * runs, desc="benchmark pair", disable=not progress, leave=False) as bar:
-        while min(sum(map(len, b)) for b in blocks) < runs:
-            for k, session in enumerate(sessions):
-                timed = []
-                for j in range(block + skip):
-                    t0 = time.perf_counter()
-                    session.run(None, feeds[k])
-                    if j >= skip and sum(map(len, blocks[k])) + len(timed) < runs:
-                        timed.append((time.perf_counter() - t0) * 1e3)
-                        bar.update()
-                blocks[k].append(timed)
+        for i in range(sessions):
+            share = runs // sessions + (i < runs % sessions)
+            pair = [onnx_session(path, threads) for path in paths]
+            threads_used = pair[0].get_session_options().intra_op_num_threads
+            feeds = [{sess.get_inputs()[0].name: x} for sess, x in zip(pair, inputs)]
+            for k, sess in enumerate(pair):
+                for _ in range(warmup):
+                    sess.run(None, feeds[k])
+            timed: list[list[float]] = [[], []]
+            while min(map(len, timed)) < share:
+                for k, sess in enumerate(pair):
+                    for j in range(block + skip):
+                        t0 = time.perf_counter()
+                        sess.run(None, feeds[k])
+                        if j >= skip and len(timed[k]) < share:
+                            timed[k].append((time.perf_counter() - t0) * 1e3)
+                            bar.update()
+            for k in range(2):
+                timings[k].append(timed[k])
     results = []
-    for b, s, p, n in zip(blocks, sessions, paths, sizes):
-        t = np.concatenate([x for x in b if x])
+    for per_session, p, n in zip(timings, paths, sizes):
+        t = np.concatenate(per_session)
         results.append(BenchResult(latency_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
-                                   threads=s.get_session_options().intra_op_num_threads,
-                                   size_mb=Path(p).stat().st_size / 1e6, runs=runs, imgsz=n, blocks=b))
+                                   threads=threads_used, size_mb=Path(p).stat().st_size / 1e6, runs=runs, imgsz=n,
+                                   blocks=per_session))
     return results[0], results[1]
 
 
-def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.95, draws: int = 2000,
-                   seed: int = 0) -> tuple[float, float]:
+def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.95) -> tuple[float, float]:
     """Where a re-run of the same :func:`benchmark_pair` should put ``model.latency_ms / baseline.latency_ms``.
 
-    A block bootstrap: the pairs of blocks timed side by side are resampled together, so that a drift of the
-    machine's speed during the run widens the interval instead of cancelling out of it. A re-run's ratio carries
-    its own error as well as ours, so the bootstrap spread of the log ratio is widened by sqrt(2). Measured on
-    2 shared cores (YOLOv5n at 640, INT8 against FP32, 8 runs of 150 runs each): the interval of a run covered
-    43 of the other runs' 56 ratios; the bootstrap's plain 90 % interval covered 37.
+    From the spread of the ratio between the run's session pairs (``blocks``): a prediction interval for the
+    difference of two means of as many pairs (ours and the re-run's), on the log scale, with Student's t for the
+    few pairs. The machine's slow swings between runs are not in it; on 2 shared cores they are as large as the
+    swings between session pairs.
     """
+    from scipy import stats
+
     pairs = [(a, b) for a, b in zip(model.blocks, baseline.blocks) if a and b]
     if len(pairs) < 2:
-        raise UserError("ratio_interval needs a benchmark_pair result of at least two blocks")
-    est = np.log(np.median(np.concatenate([a for a, _ in pairs])) / np.median(np.concatenate([b for _, b in pairs])))
-    rng = np.random.default_rng(seed)
-    spread = np.empty(draws)
-    for i in range(draws):
-        pick = rng.integers(len(pairs), size=len(pairs))
-        spread[i] = np.log(np.median(np.concatenate([pairs[j][0] for j in pick]))
-                           / np.median(np.concatenate([pairs[j][1] for j in pick]))) - est
-    tail = (1 - level) / 2
-    lo, hi = np.quantile(spread, [tail, 1 - tail]) * 2 ** 0.5
-    return float(np.exp(est + lo)), float(np.exp(est + hi))
+        raise UserError("ratio_interval needs a benchmark_pair result of at least two session pairs")
+    logs = np.log([np.median(a) / np.median(b) for a, b in pairs])
+    k = len(logs)
+    est = np.log(model.latency_ms / baseline.latency_ms)
+    half = stats.t.ppf(0.5 + level / 2, k - 1) * logs.std(ddof=1) * (2 / k) ** 0.5
+    return float(np.exp(est - half)), float(np.exp(est + half))

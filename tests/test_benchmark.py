@@ -25,14 +25,14 @@ def test_benchmark_refuses_too_few_runs_and_missing_file(tmp_path):
 def test_pair_times_each_file_at_its_own_size_and_gives_a_rerun_interval(tiny_yolov5, tmp_path):
     small = export_onnx(tiny_yolov5, 64, tmp_path / "small.onnx").onnx_path
     large = export_onnx(tiny_yolov5, 160, tmp_path / "large.onnx").onnx_path
-    res, base = benchmark_pair(small, large, runs=30, warmup=2, threads=1, progress=False)
+    res, base = benchmark_pair(small, large, runs=30, warmup=2, threads=1, progress=False, sessions=3)
     assert (res.imgsz, base.imgsz) == (64, 160)
-    assert sum(map(len, res.blocks)) == sum(map(len, base.blocks)) == 30 and len(res.blocks) == len(base.blocks) == 3
+    assert [len(b) for b in res.blocks] == [len(b) for b in base.blocks] == [10, 10, 10]  # per session pair
     # 6x fewer pixels: the small file must be clearly faster, and the interval must hold the measured ratio
     ratio = res.latency_ms / base.latency_ms
     lo, hi = ratio_interval(res, base)
     assert lo <= ratio <= hi < 1
-    # a run where the baseline slowed down in one block: resampling that block must widen the interval
+    # a run where the baseline was slower in one session pair: the interval must widen
     drift = BenchResult(**{**vars(base), "blocks": [[t * (3 if k == 0 else 1) for t in b]
                                                     for k, b in enumerate(base.blocks)]})
     lo2, hi2 = ratio_interval(res, drift)
@@ -43,3 +43,5 @@ def test_pair_refuses_a_size_that_the_files_do_not_have(tiny_yolov5, tmp_path):
     path = export_onnx(tiny_yolov5, 64, tmp_path / "m.onnx").onnx_path
     with pytest.raises(UserError, match="fixed input of 64 px"):
         benchmark_pair(path, path, imgsz=96, runs=30)
+    with pytest.raises(UserError, match="sessions must be in 1..6"):
+        benchmark_pair(path, path, runs=30, sessions=7)

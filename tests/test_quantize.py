@@ -326,3 +326,16 @@ def test_pinned_resizes_change_no_output(fp32, calib, tmp_path):
     onnx.save(model, str(tmp_path / "pinned.onnx"))
     x = calib.numpy()
     assert np.array_equal(run(tmp_path / "pinned.onnx", x), run(fp32[1], x))
+
+
+def test_fp32_convolutions_keep_their_weights_in_int8(fp32, calib, tmp_path):
+    from compression.quantize import boundary_convs, int8_weights_only
+
+    model = onnx.load(str(fp32[1]))
+    convs = boundary_convs(model, decode_nodes(model))
+    assert int8_weights_only(model, convs) == len(convs) > 0
+    onnx.save(model, str(tmp_path / "w.onnx"))
+    assert (tmp_path / "w.onnx").stat().st_size < fp32[1].stat().st_size
+    x = calib[:2].numpy()
+    ref, got = run(fp32[1], x), run(tmp_path / "w.onnx", x)
+    assert np.abs(got - ref).mean() <= 0.02 * np.abs(ref).mean()  # per-channel int8 weights: a small change
