@@ -332,10 +332,16 @@ def test_fp32_convolutions_keep_their_weights_in_int8(fp32, calib, tmp_path):
     from compression.quantize import boundary_convs, int8_weights_only
 
     model = onnx.load(str(fp32[1]))
-    convs = boundary_convs(model, decode_nodes(model))
-    assert int8_weights_only(model, convs) == len(convs) > 0
+    inputs = {i.name for i in model.graph.input}
+    head = [c for c in boundary_convs(model, decode_nodes(model))  # the head's output convolutions, as in ptq
+            if next(n for n in model.graph.node if n.name == c).input[0] not in inputs]
+    assert int8_weights_only(model, head) == len(head) > 0
     onnx.save(model, str(tmp_path / "w.onnx"))
-    assert (tmp_path / "w.onnx").stat().st_size < fp32[1].stat().st_size
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in (n for n in model.graph.node if n.name in head):  # each weight now comes from int8 + scale
+        dq = producers[node.input[1]]
+        assert dq.op_type == "DequantizeLinear" and next(
+            t for t in model.graph.initializer if t.name == dq.input[0]).data_type == onnx.TensorProto.INT8
     x = calib[:2].numpy()
     ref, got = run(fp32[1], x), run(tmp_path / "w.onnx", x)
     assert np.abs(got - ref).mean() <= 0.02 * np.abs(ref).mean()  # per-channel int8 weights: a small change
