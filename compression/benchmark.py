@@ -25,7 +25,7 @@ class BenchResult:
     params: int | None = None  # from the torch model, when one is given
     macs: int | None = None
     imgsz: int | None = None  # input side timed
-    blocks: list[list[float]] = field(default_factory=list, repr=False)  # benchmark_pair: timed runs per block (ms)
+    blocks: list[list[float]] = field(default_factory=list, repr=False)  # benchmark_pair: timings per session pair (ms)
 
 
 def count_params_and_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:

@@ -141,20 +141,13 @@ def _onnx_values(graph, names: list[str], image: np.ndarray) -> dict[str, np.nda
         return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: image})))
 
 
-def _module_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, int, torch.Tensor]]:
-    """(module name, call index, output) of every tensor-valued module call for ``image``."""
-    records, handles, calls = [], [], {}
-
-    def hook(name):
-        def fn(_m, _i, out):
-            if torch.is_tensor(out):
-                records.append((name, calls.get(name, 0), out.detach()))
-            calls[name] = calls.get(name, 0) + 1
-        return fn
-
+def _module_outputs(model: nn.Module, image: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """(module name, output) of every tensor-valued module call for ``image`` (a module called twice, twice)."""
+    records, handles = [], []
     for name, m in model.named_modules():
         if name:
-            handles.append(m.register_forward_hook(hook(name)))
+            handles.append(m.register_forward_hook(
+                lambda _m, _i, out, name=name: records.append((name, out.detach())) if torch.is_tensor(out) else None))
     try:
         with torch.no_grad():
             model.eval()(image)
@@ -191,14 +184,14 @@ def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor)
     want = _onnx_values(fp32_graph, names, probe.numpy())
     records = _module_outputs(model, probe)
     by_shape: dict[tuple, list] = {}
-    for name, call, out in records:
-        by_shape.setdefault(tuple(out.shape), []).append((name, call, out))
+    for name, out in records:
+        by_shape.setdefault(tuple(out.shape), []).append((name, out))
     points: dict[str, list[str]] = {}  # module name -> ONNX tensors quantized at its output
     unmatched = []
     for t in names:
         ref = torch.from_numpy(want[t])
         tol = 1e-3 * float(ref.abs().max()) + 1e-5
-        found = [(float((out - ref).abs().max()), n) for n, _, out in by_shape.get(tuple(ref.shape), [])]
+        found = [(float((out - ref).abs().max()), n) for n, out in by_shape.get(tuple(ref.shape), [])]
         found = [(err, n) for err, n in found if err <= tol]
         if not found:
             unmatched.append(t)
