@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from typing import Callable
 import torch
 
 from compression.config import TrialConfig
-from compression.runtime import cache_dir
+from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
 STUDENT_VERSION = 4  # bump when pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
@@ -59,21 +58,18 @@ def _load_student(entry: Path, teacher):
 
 
 def _save_student(entry: Path, student, stages: dict) -> None:
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_sibling(entry)
     tmp.mkdir(parents=True)
     torch.save(student.state_dict(), tmp / "state.pt")
     (tmp / "stages.json").write_text(json.dumps(stages))
     try:
-        tmp.rename(entry)  # atomic; a concurrent trial that got there first wins, ours is dropped
+        tmp.rename(entry)  # atomic, on NFS too; a concurrent trial (any machine) that got there first wins
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(obj, indent=2))
 
 
 def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
@@ -194,9 +190,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
         stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, train, holdout, imgsz, cfg,
                                             record_eval, progress)
     else:
-        tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(fp32_path, tmp)
-        tmp.replace(model_path)
+        copy_atomic(fp32_path, model_path)
 
     stage("measure")
     t0 = time.perf_counter()
@@ -274,7 +268,5 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
             qat["qat_mAP50_95"] = res.rounds[-1]["mAP50_95"]
             if qat["qat_mAP50_95"] > ptq_map:
                 method, best_path, shipped = "qat", qat_path, res
-        tmp_out = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(best_path, tmp_out)
-        tmp_out.replace(model_path)
+        copy_atomic(best_path, model_path)
     return {**asdict(shipped), **qat, "method": method, "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}

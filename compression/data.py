@@ -9,7 +9,6 @@ directory), so a dataset folder can be moved as a whole.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from ultralytics.data.dataset import YOLODataset
 
 from compression.errors import UserError
-from compression.runtime import cache_dir
+from compression.runtime import cache_dir, write_atomic
 
 IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -207,9 +206,7 @@ def _list_file(files: list[Path]) -> str:
     path = cache_dir() / "splits" / f"{hashlib.sha1(text.encode()).hexdigest()[:16]}.txt"
     if not path.is_file():
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_atomic(path, text)
     return str(path)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch import nn
 
 from compression.data import letterbox, read_image
 from compression.errors import UserError
-from compression.runtime import onnx_session
+from compression.runtime import onnx_session, temp_sibling
 
 
 EXPORT_VERSION = 2  # bump when the exported graph changes (cached baselines are keyed by it); 2: channel-first decode
@@ -61,7 +60,7 @@ def export_onnx(model: nn.Module, imgsz: int, path: str | Path, opset: int = 17,
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_sibling(path)
     model = copy.deepcopy(model).cpu().float().eval()
     x = letterbox(read_image(check_image or default_check_image()), imgsz)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from tqdm import tqdm
 
 from compression.data import IMG_SUFFIXES, letterbox, read_image
 from compression.errors import UserError
-from compression.runtime import Predictor
+from compression.runtime import Predictor, write_atomic
 
 
 @dataclass
@@ -103,7 +102,5 @@ def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: int | N
         total += len(dets)
         cv2.imwrite(str(out / f.name), draw(img, dets))
         results[f.name] = [asdict(d) for d in dets]
-    tmp = out / f".detections.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "detections.json")
+    write_atomic(out / "detections.json", json.dumps(results, indent=1))
     return {"images": len(files), "detections": total, "out": str(out), "json": str(out / "detections.json")}

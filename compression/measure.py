@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch import nn
 from compression.benchmark import benchmark
 from compression.evaluate import evaluate
 from compression.export import EXPORT_VERSION, export_onnx
-from compression.runtime import cache_dir
+from compression.runtime import cache_dir, temp_sibling, write_atomic
 
 
 @dataclass
@@ -49,10 +48,8 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
     if entry.is_file() and onnx_path.is_file():
         return Measurement(**json.loads(entry.read_text())), onnx_path
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp_onnx = entry.with_name(f".{entry.stem}.{os.getpid()}.onnx")
+    tmp_onnx = temp_sibling(entry.with_suffix(".onnx"))
     result = measure(model, data, imgsz, tmp_onnx, progress)
     tmp_onnx.replace(onnx_path)
-    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(result)))
-    tmp.replace(entry)
+    write_atomic(entry, json.dumps(asdict(result)))
     return result, onnx_path

@@ -18,7 +18,6 @@ quantization before the SpaceToDepth (:func:`quantize_before_space_to_depth`).
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from compression.runtime import temp_sibling
 
 
 GRANULARITY = ("per_tensor", "per_channel")
@@ -555,7 +556,7 @@ def ptq(fp32_onnx: str | Path, out: str | Path, images: np.ndarray, cfg: QuantCo
         score, path, fallback = best
         result.fallback_nodes, result.fallback = fallback, cfg.fallback
         result.fp32_nodes = decode + boundary + (fallback if cfg.fallback == "fp32" else [])
-        tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp_out = temp_sibling(out)
         quantized = onnx.load(str(path))
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(model.metadata_props)  # names, stride, imgsz for the predictor

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import os
+import secrets
+import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +16,61 @@ from torch import nn
 from compression.errors import UserError
 
 
+SHARED_ENV = "YC_SHARED"  # the one variable naming a folder that every machine of an experiment mounts
+
+
+def shared_dir() -> Path | None:
+    """The folder all machines of an experiment share (``$YC_SHARED``), or None when trials run on one machine."""
+    value = os.environ.get(SHARED_ENV, "").strip()
+    return Path(value).expanduser() if value else None
+
+
 def cache_dir() -> Path:
-    """Where label caches, FP32 baselines and pruned+distilled models are kept (``YOLO_COMPRESS_CACHE`` overrides)."""
-    root = Path(os.environ.get("YOLO_COMPRESS_CACHE") or Path.home() / ".cache" / "yolo-compress")
+    """Where label caches, FP32 baselines, pruned+distilled students and reference curves are kept.
+
+    ``YOLO_COMPRESS_CACHE`` names it; else ``$YC_SHARED/cache``, so that trials on every machine reuse each other's
+    entries; else ``~/.cache/yolo-compress``. Every entry is published by :func:`write_atomic` or a rename of a
+    :func:`temp_sibling`, so readers on any machine see a whole entry or none.
+    """
+    shared = shared_dir()
+    root = Path(os.environ.get("YOLO_COMPRESS_CACHE") or (shared / "cache" if shared else
+                                                            Path.home() / ".cache" / "yolo-compress"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def temp_sibling(path: str | Path) -> Path:
+    """A hidden name beside ``path``, with its suffix, that no other writer picks: host, process and random tag.
+
+    The process id alone is not enough on a shared folder: two machines can run trials with the same pid.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}{path.suffix}")
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a :func:`temp_sibling`, then rename(2) over ``path``.
+
+    rename within one folder is atomic on local POSIX filesystems and on NFS (the server renames), so a reader on
+    any machine sees the old file or the new one, never a partial one; the last of two concurrent writers wins.
+    """
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` as :func:`write_atomic` writes: whole or not at all."""
+    tmp = temp_sibling(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def select_device(device: str = "auto") -> torch.device:
