@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-slow experiment clean
+.PHONY: install test test-slow experiment experiment-remote clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,18 @@ experiment: $(STAMP)
 	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") \
 	$(BIN)/nnictl create --config experiment.yml --port $(PORT)
 	@echo "dashboard: http://localhost:$(PORT)   best model: $(BIN)/python -m compression best --experiment <ID> --out best.onnx"
+
+# The same search on other machines over SSH (experiment.remote.yml says what each worker needs). Required: SHARED,
+# a folder every machine mounts at the same path; HOSTS="user@host[:port] ..." unless experiment.remote.yml lists
+# them. Optional: MANAGER_IP, KEY, WORKER_PYTHON, PORT, and WEIGHTS/DATA/IMGSZ/BUDGET as above.
+experiment-remote: $(STAMP)
+	@test -n "$(SHARED)" || { echo "error: SHARED=/path/mounted/on/every/machine is required" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" \
+	$(if $(WEIGHTS),YC_WEIGHTS="$(abspath $(WEIGHTS))") $(if $(DATA),YC_DATA="$(abspath $(DATA))") \
+	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") \
+	$(BIN)/python -m compression remote --shared "$(SHARED)" --port $(PORT) $(if $(HOSTS),--hosts "$(HOSTS)") \
+	$(if $(MANAGER_IP),--manager-ip "$(MANAGER_IP)") $(if $(KEY),--key "$(KEY)") \
+	$(if $(WORKER_PYTHON),--python "$(WORKER_PYTHON)")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -5,7 +5,8 @@
 
 Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, each held-out
 evaluation of a training run (mAP on train images that training never sees) is reported as an intermediate result,
-and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to the trial's ``NNI_OUTPUT_DIR``.
+and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to the trial's ``NNI_OUTPUT_DIR``, or to
+``$YC_SHARED/experiments/<experiment>/<trial>`` when ``YC_SHARED`` names a folder all machines share (remote trials).
 Standalone:
 
     python trial.py --weights ../shared/weights/yolov5n.pt --data ../shared/datasets/coco1k/data.yaml \\
@@ -22,7 +23,6 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
 # The trial's fixed budget: what a user edits (or overrides by environment) for their own weights and data.
 DEFAULTS = {
@@ -38,7 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights", default=DEFAULTS["weights"], help="FP32 .pt checkpoint or model .yaml")
     parser.add_argument("--data", default=DEFAULTS["data"], help="ultralytics-style dataset yaml")
     parser.add_argument("--imgsz", type=int, default=DEFAULTS["imgsz"])
-    parser.add_argument("--out", default=None, help="output folder (default: NNI_OUTPUT_DIR, else runs/trial)")
+    parser.add_argument("--out", default=None, help="output folder (default: $YC_SHARED/experiments/<exp>/<trial> "
+                        "under NNI when YC_SHARED is set, else NNI_OUTPUT_DIR, else runs/trial)")
     parser.add_argument("--set", action="append", default=list(DEFAULTS["set"]), metavar="KEY=VALUE",
                         help="TrialConfig field (repeatable)")
     parser.add_argument("--score", action="append", default=[], metavar="KEY=VALUE",
@@ -50,15 +51,18 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out = Path(args.out or os.environ.get("NNI_OUTPUT_DIR") or "runs/trial")
-    (out / "report.json").unlink(missing_ok=True)  # first of all: a report only ever describes a finished run
     if not args.verbose:
         os.environ.setdefault("YOLO_VERBOSE", "False")
         warnings.filterwarnings("ignore")
     from compression.chain import run_chain
     from compression.config import build_config, parse_sets
     from compression.errors import UserError
+    from compression.experiment import trial_output_dir
     from compression.score import build_score_config, score
+
+    out = trial_output_dir(args.out)  # under NNI with YC_SHARED set: the shared folder, found by `best` on any machine
+    (out / "report.json").unlink(missing_ok=True)  # first of all: a report only ever describes a finished run
+    print(json.dumps({"artifacts": str(out.resolve())}), flush=True)
 
     nni = None
     if args.nni or os.environ.get("NNI_PLATFORM"):

@@ -8,6 +8,9 @@ import os
 import sys
 import warnings
 from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export(args) -> dict:
@@ -57,6 +60,10 @@ def _onnx_imgsz(path) -> int:
 
 def _trials(args):
     from compression.experiment import trials_from_disk, trials_from_rest
+    from compression.runtime import SHARED_ENV
+
+    if args.shared:
+        os.environ[SHARED_ENV] = args.shared  # the one place the shared folder is read from
 
     return trials_from_rest(args.port, args.experiment) if args.port else trials_from_disk(args.experiment, args.root)
 
@@ -78,6 +85,13 @@ def _report(args) -> dict:
     return write_report(trials, args.out, f"yolo-compress experiment {args.experiment}", reference)
 
 
+def _remote(args) -> dict:
+    from compression.remote import launch
+
+    return launch(args.shared, args.hosts, args.manager_ip, args.key, args.python, args.port, args.check,
+                  base=Path(args.config), ssh_options=tuple(f"-o{o}" for o in args.ssh_option))
+
+
 def _infer(args) -> dict:
     from compression.infer import infer
 
@@ -90,6 +104,8 @@ def _experiment_parser(sub, verb: str, help_: str) -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="NNI experiment id")
     p.add_argument("--port", type=int, help="read a running experiment through its REST API on this port")
     p.add_argument("--root", help="NNI experiment folder root (default: ~/nni-experiments)")
+    p.add_argument("--shared", help="folder the trials wrote their artifacts to on other machines (default: "
+                                    "$YC_SHARED)")
     return p
 
 
@@ -137,6 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.45)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_infer)
+
+    p = sub.add_parser("remote", help="start experiment.yml's search on other machines over SSH, after checking "
+                                      "each one (NNI remote training service)")
+    p.add_argument("--shared", default=os.environ.get("YC_SHARED"),
+                   help="folder every machine mounts at the same path (default: $YC_SHARED)")
+    p.add_argument("--hosts", help="workers, 'user@host[:port] ...' (default: experiment.remote.yml's machineList)")
+    p.add_argument("--manager-ip", help="address of this machine the workers reach (default: the one it uses to "
+                                        "reach the first worker)")
+    p.add_argument("--key", help="SSH private key for --hosts (default: ~/.ssh/id_ed25519, id_ecdsa or id_rsa)")
+    p.add_argument("--python", help="the workers' folder of python for --hosts (default: this python's folder)")
+    p.add_argument("--port", type=int, default=8080, help="NNI's port here (dashboard; workers connect to it)")
+    p.add_argument("--check", action="store_true", help="write the config and check the workers; start nothing")
+    p.add_argument("--config", default=str(ROOT / "experiment.yml"),
+                   help="the search to run: an NNI config like experiment.yml (its training service is replaced)")
+    p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                   help="extra ssh -o option for the checks, e.g. UserKnownHostsFile=/tmp/known_hosts")
+    p.set_defaults(func=_remote)
 
     p = _experiment_parser(sub, "report", "HTML page and PNG plot of an experiment's trials with the Pareto front")
     p.add_argument("--out", required=True, help="output folder (report.html, pareto.png)")

@@ -3,6 +3,10 @@
 NNI 3.0 keeps every experiment under ``~/nni-experiments/<id>`` (``experimentWorkingDirectory``): a SQLite database
 of trial events and metrics, and one folder per trial (its ``NNI_OUTPUT_DIR``) where ``trial.py`` writes
 ``model.onnx`` and, last, ``report.json``. A trial without ``report.json`` did not finish and is never picked.
+
+Trials on other machines (NNI's remote training service) keep that folder on the worker. With ``YC_SHARED`` set
+(a folder every machine mounts), ``trial.py`` writes to ``$YC_SHARED/experiments/<experiment>/<trial>`` instead, and
+this module looks there first.
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from compression.errors import UserError
+from compression.runtime import copy_atomic, shared_dir
 
 DEFAULT_ROOT = "~/nni-experiments"
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -28,6 +32,7 @@ class Trial:
     folder: Path | None
     metrics: dict = field(default_factory=dict)  # the final result reported to NNI
     parameters: dict = field(default_factory=dict)
+    searched: list[Path] = field(default_factory=list)  # where its artifacts were looked for, for error messages
 
     @property
     def complete(self) -> bool:
@@ -56,16 +61,50 @@ def experiment_folder(exp_id: str, root: str | Path | None = None) -> Path:
     return folder
 
 
-def _trial_folder(folder: Path, trial_id: str) -> Path | None:
-    """NNI 3.0 local trials live in ``environments/<env>/trials/<id>``; older layouts in ``trials/<id>``."""
-    for candidate in [*sorted((folder / "environments").glob(f"*/trials/{trial_id}")), folder / "trials" / trial_id]:
-        if candidate.is_dir():
-            return candidate
-    return None
+def shared_trial_folder(shared: Path, exp_id: str, trial_id: str) -> Path:
+    """Where a trial's artifacts go when ``YC_SHARED`` names a folder every machine of the experiment mounts."""
+    return shared / "experiments" / exp_id / trial_id
+
+
+def trial_output_dir(out: str | Path | None = None, env=os.environ) -> Path:
+    """``out`` if given; under NNI with ``YC_SHARED`` set, the trial's shared folder; else ``NNI_OUTPUT_DIR``."""
+    if out:
+        return Path(out)
+    shared, exp_id, trial_id = shared_dir(), env.get("NNI_EXP_ID"), env.get("NNI_TRIAL_JOB_ID")
+    if shared and exp_id and trial_id:
+        return shared_trial_folder(shared, exp_id, trial_id)
+    return Path(env.get("NNI_OUTPUT_DIR") or "runs/trial")
+
+
+def _candidates(folder: Path | None, exp_id: str, trial_id: str, shared: Path | None) -> list[Path]:
+    """The shared folder first; NNI 3.0 local trials live in ``environments/<env>/trials/<id>``, remote trials' logs
+    are copied to ``trials/<id>``."""
+    found = [shared_trial_folder(shared, exp_id, trial_id)] if shared else []
+    if folder is not None:
+        found += [*sorted((folder / "environments").glob(f"*/trials/{trial_id}")), folder / "trials" / trial_id]
+    return found
+
+
+def _pick_folder(candidates: list[Path]) -> Path | None:
+    """The first candidate holding a finished trial's ``report.json``, else the first that exists."""
+    existing = [c for c in candidates if c.is_dir()]
+    return next((c for c in existing if (c / "report.json").is_file()), existing[0] if existing else None)
+
+
+def missing_artifacts_hint(trials: list[Trial]) -> str:
+    """One clause for trials that SUCCEEDED but whose artifacts are not on this machine (remote trials), else ''."""
+    lost = [t for t in trials if t.status == "SUCCEEDED" and not t.complete]
+    if not lost:
+        return ""
+    where = ", ".join(str(p) for p in lost[0].searched) or "no folder"
+    shared = f"YC_SHARED={shared_dir()}" if shared_dir() else "YC_SHARED is not set"
+    return (f"; {len(lost)} SUCCEEDED trial(s) have no model.onnx and report.json here (looked in {where}; "
+            f"{shared}): trials on other machines keep them there unless YC_SHARED names a folder every machine "
+            f"mounts (set it for the trials and for this command)")
 
 
 def trials_from_disk(exp_id: str, root: str | Path | None = None) -> list[Trial]:
-    folder = experiment_folder(exp_id, root)
+    folder, shared = experiment_folder(exp_id, root), shared_dir()
     con = sqlite3.connect(f"file:{folder / 'db' / 'nni.sqlite'}?mode=ro", uri=True, timeout=10)
     try:
         events = con.execute("select trialJobId, event, data from TrialJobEvent order by timestamp").fetchall()
@@ -83,8 +122,10 @@ def trials_from_disk(exp_id: str, root: str | Path | None = None) -> list[Trial]
     trials = []
     for trial_id, state in status.items():
         metric = next((_decode(d) for t, d in finals if t == trial_id), {})
-        trials.append(Trial(trial_id, state, _trial_folder(folder, trial_id),
-                            metric if isinstance(metric, dict) else {"default": metric}, params.get(trial_id, {})))
+        searched = _candidates(folder, exp_id, trial_id, shared)
+        trials.append(Trial(trial_id, state, _pick_folder(searched),
+                            metric if isinstance(metric, dict) else {"default": metric}, params.get(trial_id, {}),
+                            searched))
     return trials
 
 
@@ -104,19 +145,21 @@ def trials_from_rest(port: int, exp_id: str | None = None) -> list[Trial]:
         raise UserError(f"no NNI experiment answers on port {port} ({e})") from None
     if exp_id and profile.get("id") != exp_id:
         raise UserError(f"the experiment on port {port} is '{profile.get('id')}', not '{exp_id}'")
-    trials = []
+    trials, shared = [], shared_dir()
     for job in jobs:
         finals = job.get("finalMetricData") or []
         metric = _decode(finals[-1]["data"]) if finals else {}
-        log = job.get("logPath") or ""
-        folder = Path(log.split(":", 2)[-1] if log.startswith("file://") else log) if log else None
+        log = job.get("logPath") or ""  # file://localhost:/path for local trials
+        searched = _candidates(None, profile["id"], job["trialJobId"], shared)
+        if log.startswith("file://") or log.startswith("/"):
+            searched.append(Path(log.split(":", 2)[-1] if log.startswith("file://") else log))
         params = {}
         try:
             params = _decode(job.get("hyperParameters", ["{}"])[-1]).get("parameters", {})
         except (ValueError, AttributeError, IndexError):
             pass
-        trials.append(Trial(job["trialJobId"], job.get("status", "UNKNOWN"), folder,
-                            metric if isinstance(metric, dict) else {"default": metric}, params))
+        trials.append(Trial(job["trialJobId"], job.get("status", "UNKNOWN"), _pick_folder(searched),
+                            metric if isinstance(metric, dict) else {"default": metric}, params, searched))
     return trials
 
 
@@ -124,7 +167,7 @@ def best_trial(trials: list[Trial], metric: str = "default") -> Trial:
     complete = [t for t in trials if t.complete and isinstance(t.metrics.get(metric), (int, float))]
     if not complete:
         states = ", ".join(f"{t.id} {t.status}" for t in trials) or "none"
-        raise UserError(f"no complete trial reports '{metric}' (trials: {states})")
+        raise UserError(f"no complete trial reports '{metric}' (trials: {states}){missing_artifacts_hint(trials)}")
     lower_is_better = metric in ("latency_ms", "size_mb", "params", "macs")
     return (min if lower_is_better else max)(complete, key=lambda t: t.metrics[metric])
 
@@ -137,8 +180,6 @@ def export_best(trial: Trial, out: str | Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     report_out = out.with_name(f"{out.stem}.report.json")
     for src, dst in ((trial.folder / "model.onnx", out), (trial.folder / "report.json", report_out)):
-        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        copy_atomic(src, dst)
     return {"trial": trial.id, "onnx": str(out), "report": str(report_out), "parameters": trial.parameters,
             **trial.metrics}

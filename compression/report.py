@@ -10,11 +10,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 from compression.errors import UserError
-from compression.experiment import Trial
+from compression.experiment import Trial, missing_artifacts_hint
+from compression.runtime import temp_sibling, write_atomic
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -89,12 +89,13 @@ def write_report(trials: list[Trial], out: str | Path, title: str, reference: li
     (:func:`compression.reference.reference_curves`) when given."""
     rows = _rows(trials)
     if not rows:
-        raise UserError(f"no complete trial to report ({len(trials)} trials, none with report.json and model.onnx)")
+        raise UserError(f"no complete trial to report ({len(trials)} trials, none with report.json and model.onnx)"
+                        f"{missing_artifacts_hint(trials)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     front = pareto_front([(r["rel_latency"], r["mAP50_95"]) for r in rows])
     png = out / "pareto.png"
-    tmp_png = out / f".pareto.png.{os.getpid()}.tmp.png"
+    tmp_png = temp_sibling(png)
     plot(rows, front, tmp_png, reference)
     tmp_png.replace(png)
     order = front + [i for i in sorted(range(len(rows)), key=lambda i: -(rows[i]["score"] or 0)) if i not in front]
@@ -121,9 +122,7 @@ Pareto-optimal trials (no other trial is both faster and more accurate) are high
 <img src="data:image/png;base64,{image}" alt="mAP50-95 against latency">
 {_reference_table(reference)}
 <table><tr>{head}</tr>{''.join(body)}</table></body></html>"""
-    tmp = out / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(page)
-    tmp.replace(out / "report.html")
+    write_atomic(out / "report.html", page)
     return {"trials": len(rows), "pareto": [rows[i]["trial"] for i in front], "html": str(out / "report.html"),
             "png": str(png), "reference_points": len(reference or [])}
 
