@@ -33,7 +33,8 @@ experiment: $(STAMP)
 
 # The same search on other machines over SSH (experiment.remote.yml says what each worker needs). Required: SHARED,
 # a folder every machine mounts at the same path; HOSTS="user@host[:port] ..." unless experiment.remote.yml lists
-# them. Optional: MANAGER_IP, KEY, WORKER_PYTHON, PORT, and WEIGHTS/DATA/IMGSZ/BUDGET as above.
+# them. Optional: MANAGER_IP, KEY, WORKER_PYTHON, PORT, WEIGHTS/DATA/IMGSZ/BUDGET as above, and CHECK=1 (check the
+# workers, start nothing).
 experiment-remote: $(STAMP)
 	@test -n "$(SHARED)" || { echo "error: SHARED=/path/mounted/on/every/machine is required" >&2; exit 2; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" \
@@ -41,7 +42,7 @@ experiment-remote: $(STAMP)
 	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") \
 	$(BIN)/python -m compression remote --shared "$(SHARED)" --port $(PORT) $(if $(HOSTS),--hosts "$(HOSTS)") \
 	$(if $(MANAGER_IP),--manager-ip "$(MANAGER_IP)") $(if $(KEY),--key "$(KEY)") \
-	$(if $(WORKER_PYTHON),--python "$(WORKER_PYTHON)")
+	$(if $(WORKER_PYTHON),--python "$(WORKER_PYTHON)") $(if $(CHECK),--check)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

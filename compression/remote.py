@@ -204,6 +204,14 @@ def check_workers(config: dict, shared: Path, port: int, ssh_options: tuple[str,
         problems = []
         for machine in config["trainingService"]["machineList"]:
             name = f"{machine['user']}@{machine['host']}:{machine.get('port', 22)}"
+            key = machine.get("sshKeyFile")
+            if machine.get("password"):
+                problems.append(f"worker {name}: password login cannot be checked (and NNI shows passwords in its "
+                                f"web UI): give sshKeyFile")
+                continue
+            if not (key and Path(key).expanduser().is_file()):
+                problems.append(f"worker {name}: SSH key {key} not found here (KEY, --key, or sshKeyFile)")
+                continue
             path = machine.get("pythonPath")
             python = (f"PATH={shlex.quote(path)}:$PATH " if path else "") + "python3 - " + shlex.quote(args)
             try:
