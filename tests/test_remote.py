@@ -335,6 +335,17 @@ def test_best_exports_the_best_remote_trial_from_the_shared_folder(remote_experi
     assert picked["trial"] == max(finals, key=finals.get)
     assert onnx_session(tmp_path / "best.onnx").get_inputs()[0].shape[1] == 3
 
+    # the running experiment's REST API, and the report, find the same files through YC_SHARED
+    env = {**exp["env"], "YC_SHARED": str(exp["shared"])}
+    r = subprocess.run([sys.executable, "-m", "compression", "best", "--experiment", exp["id"], "--port",
+                        str(exp["port"]), "--out", str(tmp_path / "best_rest.onnx")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["trial"] == picked["trial"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "compression", "report", "--experiment", exp["id"], "--root",
+                        str(exp["root"]), "--out", str(tmp_path / "report"), "--no-reference"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1])["trials"] == 2, r.stderr
+
 
 @pytest.mark.slow
 def test_a_manager_address_the_workers_cannot_reach_stops_before_nni_starts(workers, tmp_path):
