@@ -167,12 +167,28 @@ def guess_manager_ip(host: str, port: int = 22) -> str:
         raise UserError(f"no route to worker {host} ({e.strerror or e}): set MANAGER_IP (--manager-ip)") from None
 
 
-def _ssh_check(machine: dict, command: str, extra: tuple[str, ...] = (),
-               timeout: float = 120) -> subprocess.CompletedProcess:
-    key = ["-i", os.path.expanduser(machine["sshKeyFile"])] if machine.get("sshKeyFile") else []
-    return subprocess.run(["ssh", *SSH_OPTIONS, *extra, *key, "-p", str(machine.get("port", 22)),
-                           f"{machine['user']}@{machine['host']}", command],
-                          input=_WORKER_CHECK, capture_output=True, text=True, timeout=timeout)
+def _ssh_check(machine: dict, args: str, ssh_options: tuple[str, ...] = (), timeout: float = 120) -> list[str]:
+    """Run :data:`_WORKER_CHECK` on one worker with the Python NNI will use there; its problems, [] when ready."""
+    key = machine.get("sshKeyFile")
+    if machine.get("password"):
+        return ["password login cannot be checked (and NNI shows passwords in its web UI): give sshKeyFile"]
+    if not (key and Path(key).expanduser().is_file()):
+        return [f"SSH key {key} not found here (KEY, --key, or sshKeyFile)"]
+    path = machine.get("pythonPath")  # NNI puts it first on PATH, then runs python or python3
+    command = (f"PATH={shlex.quote(path)}:$PATH " if path else "") + "python3 - " + shlex.quote(args)
+    try:
+        r = subprocess.run(["ssh", *SSH_OPTIONS, *ssh_options, "-i", str(Path(key).expanduser()), "-p",
+                            str(machine.get("port", 22)), f"{machine['user']}@{machine['host']}", command],
+                           input=_WORKER_CHECK, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ["the check timed out"]
+    last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    if r.returncode == 255:  # ssh's own failure
+        return [f"ssh login failed ({last})"]
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return [f"its python did not run the check ({last}; pythonPath: {path or 'unset'})"]
 
 
 def check_workers(config: dict, shared: Path, port: int, ssh_options: tuple[str, ...] = ()) -> None:
@@ -201,34 +217,8 @@ def check_workers(config: dict, shared: Path, port: int, ssh_options: tuple[str,
         listener.listen(16)  # the kernel completes the workers' handshakes; nothing needs accepting
         args = json.dumps({"modules": WORKER_MODULES, "nni": importlib.metadata.version("nni"), "ip": ip, "port": port,
                            "files": files, "shared": str(shared), "token": token})
-        problems = []
-        for machine in config["trainingService"]["machineList"]:
-            name = f"{machine['user']}@{machine['host']}:{machine.get('port', 22)}"
-            key = machine.get("sshKeyFile")
-            if machine.get("password"):
-                problems.append(f"worker {name}: password login cannot be checked (and NNI shows passwords in its "
-                                f"web UI): give sshKeyFile")
-                continue
-            if not (key and Path(key).expanduser().is_file()):
-                problems.append(f"worker {name}: SSH key {key} not found here (KEY, --key, or sshKeyFile)")
-                continue
-            path = machine.get("pythonPath")
-            python = (f"PATH={shlex.quote(path)}:$PATH " if path else "") + "python3 - " + shlex.quote(args)
-            try:
-                r = _ssh_check(machine, python, ssh_options)
-            except subprocess.TimeoutExpired:
-                problems.append(f"worker {name}: the check timed out")
-                continue
-            if r.returncode == 255:
-                last = (r.stderr.strip().splitlines() or ["no answer"])[-1]
-                problems.append(f"worker {name}: ssh login failed ({last})")
-                continue
-            try:
-                found = json.loads(r.stdout.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                found = [f"its python did not run the check ({last}; pythonPath: {path or 'unset'})"]
-            problems += [f"worker {name}: {p}" for p in found]
+        problems = [f"worker {m['user']}@{m['host']}:{m.get('port', 22)}: {problem}"
+                    for m in config["trainingService"]["machineList"] for problem in _ssh_check(m, args, ssh_options)]
     finally:
         listener.close()
         (shared / ".checks" / token).unlink(missing_ok=True)

@@ -23,7 +23,7 @@ import yaml
 
 from compression.errors import UserError
 from compression.experiment import best_trial, trial_output_dir, trials_from_disk
-from compression.remote import Host, parse_hosts, remote_config, trial_command
+from compression.remote import Host, check_workers, parse_hosts, remote_config, trial_command
 from compression.runtime import onnx_session, temp_sibling, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,21 @@ def test_remote_config_keeps_the_search_and_sets_what_workers_need(tmp_path):
     # without hosts, the machineList of experiment.remote.yml is used as written
     cfg = remote_config(base, overlay, tmp_path, "10.0.0.1")
     assert cfg["trainingService"]["machineList"] == overlay["trainingService"]["machineList"]
+
+
+def test_the_check_refuses_an_address_not_of_this_machine_and_a_missing_key_in_one_line(tmp_path):
+    base = yaml.safe_load((ROOT / "experiment.yml").read_text())
+    overlay = yaml.safe_load((ROOT / "experiment.remote.yml").read_text())
+    hosts = parse_hosts("u@192.0.2.7 u@192.0.2.8")  # TEST-NET-1: never contacted, the key check comes first
+    port = 20000 + os.getpid() % 20000
+    cfg = remote_config(base, overlay, tmp_path, "192.0.2.1", hosts, tmp_path / "no_key", "/opt/venv/bin")
+    with pytest.raises(UserError, match="cannot listen on nniManagerIp 192.0.2.1 .* not an address of this machine"):
+        check_workers(cfg, tmp_path, port)
+    cfg = remote_config(base, overlay, tmp_path, "127.0.0.1", hosts, tmp_path / "no_key", "/opt/venv/bin")
+    with pytest.raises(UserError) as info:
+        check_workers(cfg, tmp_path, port)
+    assert str(info.value).count("SSH key") == 2 and "\n" not in str(info.value)
+    assert not list((tmp_path / ".checks").iterdir())  # the token written for the workers is gone
 
 
 def test_nniignore_keeps_the_upload_small():
