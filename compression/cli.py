@@ -89,7 +89,7 @@ def _remote(args) -> dict:
     from compression.remote import launch
 
     return launch(args.shared, args.hosts, args.manager_ip, args.key, args.python, args.port, args.check,
-                  base=Path(args.config), ssh_options=tuple(f"-o{o}" for o in args.ssh_option))
+                  base=Path(args.config))
 
 
 def _infer(args) -> dict:
@@ -167,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="write the config and check the workers; start nothing")
     p.add_argument("--config", default=str(ROOT / "experiment.yml"),
                    help="the search to run: an NNI config like experiment.yml (its training service is replaced)")
-    p.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
-                   help="extra ssh -o option for the checks, e.g. UserKnownHostsFile=/tmp/known_hosts")
     p.set_defaults(func=_remote)
 
     p = _experiment_parser(sub, "report", "HTML page and PNG plot of an experiment's trials with the Pareto front")

@@ -167,8 +167,11 @@ def guess_manager_ip(host: str, port: int = 22) -> str:
         raise UserError(f"no route to worker {host} ({e.strerror or e}): set MANAGER_IP (--manager-ip)") from None
 
 
-def _ssh_check(machine: dict, args: str, ssh_options: tuple[str, ...] = (), timeout: float = 120) -> list[str]:
-    """Run :data:`_WORKER_CHECK` on one worker with the Python NNI will use there; its problems, [] when ready."""
+def _ssh_check(machine: dict, args: str, timeout: float = 120) -> list[str]:
+    """Run :data:`_WORKER_CHECK` on one worker with the Python NNI will use there; its problems, [] when ready.
+
+    Connects as NNI does (the machine's key and port, nothing from ~/.ssh/config), so what passes here works there.
+    """
     key = machine.get("sshKeyFile")
     if machine.get("password"):
         return ["password login cannot be checked (and NNI shows passwords in its web UI): give sshKeyFile"]
@@ -177,7 +180,7 @@ def _ssh_check(machine: dict, args: str, ssh_options: tuple[str, ...] = (), time
     path = machine.get("pythonPath")  # NNI puts it first on PATH, then runs python or python3
     command = (f"PATH={shlex.quote(path)}:$PATH " if path else "") + "python3 - " + shlex.quote(args)
     try:
-        r = subprocess.run(["ssh", *SSH_OPTIONS, *ssh_options, "-i", str(Path(key).expanduser()), "-p",
+        r = subprocess.run(["ssh", *SSH_OPTIONS, "-F", "/dev/null", "-i", str(Path(key).expanduser()), "-p",
                             str(machine.get("port", 22)), f"{machine['user']}@{machine['host']}", command],
                            input=_WORKER_CHECK, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -191,13 +194,12 @@ def _ssh_check(machine: dict, args: str, ssh_options: tuple[str, ...] = (), time
         return [f"its python did not run the check ({last}; pythonPath: {path or 'unset'})"]
 
 
-def check_workers(config: dict, shared: Path, port: int, ssh_options: tuple[str, ...] = ()) -> None:
+def check_workers(config: dict, shared: Path, port: int) -> None:
     """Raise ``UserError`` (one line, every problem of every worker) unless each worker can run the trials.
 
     Args:
         config: the remote NNI config (:func:`remote_config`); the files checked are those its trial command reads.
         shared: the shared folder, as mounted here; port: the port NNI will listen on.
-        ssh_options: extra ``ssh`` arguments for the checks (NNI itself uses each machine's key and port only).
     """
     import importlib.metadata
 
@@ -218,7 +220,7 @@ def check_workers(config: dict, shared: Path, port: int, ssh_options: tuple[str,
         args = json.dumps({"modules": WORKER_MODULES, "nni": importlib.metadata.version("nni"), "ip": ip, "port": port,
                            "files": files, "shared": str(shared), "token": token})
         problems = [f"worker {m['user']}@{m['host']}:{m.get('port', 22)}: {problem}"
-                    for m in config["trainingService"]["machineList"] for problem in _ssh_check(m, args, ssh_options)]
+                    for m in config["trainingService"]["machineList"] for problem in _ssh_check(m, args)]
     finally:
         listener.close()
         (shared / ".checks" / token).unlink(missing_ok=True)
@@ -250,8 +252,7 @@ def start(config_path: Path, port: int) -> str:
 
 def launch(shared: str | Path, hosts: str | None = None, manager_ip: str | None = None, key: str | None = None,
            python: str | None = None, port: int = 8080, check_only: bool = False,
-           base: Path = ROOT / "experiment.yml", overlay: Path = ROOT / "experiment.remote.yml",
-           ssh_options: tuple[str, ...] = ()) -> dict:
+           base: Path = ROOT / "experiment.yml", overlay: Path = ROOT / "experiment.remote.yml") -> dict:
     """Write the remote config, check every worker, start NNI (see the module docstring); a JSON-ready summary."""
     if not shared:
         raise UserError("SHARED (--shared) must name a folder every machine mounts at the same path "
@@ -276,7 +277,7 @@ def launch(shared: str | Path, hosts: str | None = None, manager_ip: str | None 
     config = remote_config(yaml.safe_load(base.read_text()), overlay_cfg, shared, ip, parsed, key_path,
                            python or str(Path(sys.executable).parent), base_dir=base.resolve().parent)
     path = write_config(config)
-    check_workers(config, shared, port, ssh_options)
+    check_workers(config, shared, port)
     summary = {"config": str(path), "nniManagerIp": ip, "shared": str(shared),
                "workers": [f"{m['user']}@{m['host']}:{m.get('port', 22)}" for m in
                            config["trainingService"]["machineList"]]}
