@@ -61,6 +61,7 @@ def test_ultralytics_task_loss_runs(tiny_ultralytics, batch):
     assert loss.ndim == 0 and loss.item() > 0
 
 
+@pytest.mark.slow  # test_distillation_only_works_without_labels checks that distillation lowers kd_loss
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
 def test_kd_loss_is_zero_for_the_teacher_and_a_step_lowers_it(fixture, request, batch):
     teacher = copy.deepcopy(request.getfixturevalue(fixture)).train()

@@ -46,7 +46,7 @@ def experiment(tiny_yolov5, tiny_data, tmp_path_factory):
         "searchSpace": {"sparsity": {"_type": "choice", "_value": [0.0, 0.25]},
                         "quant_granularity": {"_type": "choice", "_value": ["per_tensor", "per_channel"]}},
         "trialCommand": f"python trial.py --nni --weights {weights} --data {tiny_data} --imgsz 64 {budget}",
-        "trialConcurrency": 1, "maxTrialNumber": 2, "maxExperimentDuration": "5m",
+        "trialConcurrency": 2, "maxTrialNumber": 2, "maxExperimentDuration": "5m",  # one per core
         "tuner": {"name": "TPE", "classArgs": {"optimize_mode": "maximize"}},
         "trainingService": {"platform": "local"},
     }
@@ -145,6 +145,7 @@ def wait_for_jobs(port: int, count: int, seconds: float = 280) -> list[dict]:
     return jobs
 
 
+@pytest.mark.slow
 def test_stop_then_resume_continues_the_experiment_and_reuses_the_caches(experiment):
     """Runs after the tests above (file order): stop, resume on the same port, one more trial, caches reused."""
     exp_id, port, cache = experiment["id"], experiment["port"], experiment["tmp"] / "cache"

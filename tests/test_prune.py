@@ -9,6 +9,9 @@ from compression.models import head_output_convs
 from compression.prune import (PruneConfig, Structure, _Groups, _output_error, _zero_channels, allocate,
                                apply_structure, detection_error, prune, raw_outputs, reconstruct_, residual_blocks)
 
+# the ultralytics variant repeats the original family's check: `make test-slow` runs it
+FAMILIES_ULTRALYTICS_SLOW = ["tiny_yolov5", pytest.param("tiny_ultralytics", marks=pytest.mark.slow)]
+
 
 @pytest.fixture(scope="module")
 def images():
@@ -20,6 +23,7 @@ def conv_widths(model):
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+@pytest.mark.slow  # the default importance (l1) prunes in every other test here
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
 def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, images, importance):
     small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, importance=importance, rounds=1), 64, images)
@@ -27,8 +31,8 @@ def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, image
     assert small(torch.rand(1, 3, 64, 64)).shape == tiny_yolov5(torch.rand(1, 3, 64, 64)).shape
 
 
-@pytest.mark.parametrize("method", ["channels", "both"])
-@pytest.mark.parametrize("sparsity", [0.1, 0.3])
+@pytest.mark.parametrize("sparsity,method", [(0.3, "channels"), *(
+    pytest.param(s, m, marks=pytest.mark.slow) for s, m in ((0.1, "both"), (0.1, "channels"), (0.3, "both")))])
 def test_allocation_reaches_the_macs_target_and_keeps_widths(tiny_yolov5, images, method, sparsity):
     small, result = prune(tiny_yolov5, PruneConfig(sparsity=sparsity, method=method, rounds=2, min_channels=16),
                           64, images)
@@ -71,7 +75,7 @@ def test_blocks_are_removed_and_onnx_still_equals_torch(tiny_yolov5, images, tmp
     export_onnx(small, 64, tmp_path / "blocks.onnx")  # raises if ONNX Runtime differs from torch
 
 
-@pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
+@pytest.mark.parametrize("fixture", FAMILIES_ULTRALYTICS_SLOW)
 def test_pruned_onnx_matches_torch_and_is_smaller(fixture, request, images, tmp_path):
     model = request.getfixturevalue(fixture)
     small, _ = prune(model, PruneConfig(sparsity=0.25, method="both", rounds=2), 64, images)
@@ -95,6 +99,7 @@ def test_out_of_range_values_are_refused(kwargs, field):
         PruneConfig(**kwargs)
 
 
+@pytest.mark.slow  # both families: the structure test below rebuilds students from these channels
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
 def test_kept_channels_name_the_teachers_channels_across_rounds(fixture, request, images):
     model = request.getfixturevalue(fixture)
@@ -106,7 +111,7 @@ def test_kept_channels_name_the_teachers_channels_across_rounds(fixture, request
         assert torch.equal(bns[name].running_mean, teacher[name].running_mean[channels])  # the same, in order
 
 
-@pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
+@pytest.mark.parametrize("fixture", FAMILIES_ULTRALYTICS_SLOW)
 def test_the_structure_rebuilds_the_student(fixture, request, images):
     """What the student cache stores (the structure and the tensors) gives back the same model."""
     model = request.getfixturevalue(fixture)
@@ -124,6 +129,7 @@ def test_the_structure_rebuilds_the_student(fixture, request, images):
     assert torch.equal(again.eval()(x), small.eval()(x))
 
 
+@pytest.mark.slow  # every pruned trial of the default suite runs reconstruct_; this measures what it achieves
 def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yolov5, images):
     from compression.distill import FeatureTaps
 

@@ -11,6 +11,9 @@ from compression.quantize import (QuantConfig, conv_nodes, decode_nodes, int8_we
 from compression.runtime import onnx_session
 from conftest import lively
 
+# the ultralytics variant repeats the original family's check: `make test-slow` runs it
+FAMILIES_ULTRALYTICS_SLOW = ["tiny_yolov5", pytest.param("tiny_ultralytics", marks=pytest.mark.slow)]
+
 IMGSZ = 64
 
 
@@ -147,8 +150,9 @@ def test_space_to_depth_stem_matches_any_stride_2_convolution(kernel, pad, tmp_p
     np.testing.assert_allclose(run(tmp_path / "s2d.onnx", x), run(tmp_path / "conv.onnx", x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
-@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("method,granularity", [("percentile", "per_channel"), ("minmax", "per_tensor"), *(
+    pytest.param(m, g, marks=pytest.mark.slow) for m, g in (("minmax", "per_channel"), ("percentile", "per_tensor"),
+                                                            ("entropy", "per_tensor"), ("entropy", "per_channel")))])
 def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, granularity, method):
     out = tmp_path / "int8.onnx"
     cfg = QuantConfig(granularity=granularity, calib_method=method, fallback_rounds=0)
@@ -170,6 +174,7 @@ def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, gr
     assert {m.key for m in q.metadata_props} >= {"names", "stride", "imgsz"}
 
 
+@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
 def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path):
     scores = iter([0.1, 0.2, 0.45])  # INT8 far below FP32 (0.5): two fallback rounds, the last one passes
     cfg = QuantConfig(fallback_rounds=3, max_int8_drop=0.1)
@@ -180,6 +185,7 @@ def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path):
     assert set(res.fallback_nodes) <= set(conv_nodes(onnx.load(str(fp32[1]))))
 
 
+@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
 def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32, calib, tmp_path):
     model, path = fp32
     # every convolution with uint8 weights (the fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime

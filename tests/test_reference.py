@@ -12,6 +12,7 @@ def test_reference_sizes_run_from_half_the_base_size_up_to_it_in_stride_multiple
     assert reference_sizes(416, 32) == [224, 288, 352, 416]
 
 
+@pytest.mark.slow
 def test_reference_curves_measure_fp32_and_int8_at_each_size_once(tiny_yolov5, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
     weights = write_yolov5_checkpoint(tiny_yolov5, tmp_path / "tiny.pt")
