@@ -265,17 +265,14 @@ def launch(shared: str | Path, hosts: str | None = None, manager_ip: str | None 
     key_path = Path(key).expanduser() if key else (default_key() if parsed else None)
     if key_path is not None and not key_path.is_file():
         raise UserError(f"SSH key {key_path} not found")
-    machines = [{"host": h.host, "port": h.port} for h in parsed] if parsed else \
-        overlay_cfg["trainingService"].get("machineList") or []
-    if not machines:
-        raise UserError("no workers: give HOSTS (--hosts) or a machineList in experiment.remote.yml")
-    ip = manager_ip or overlay_cfg.get("nniManagerIp") or guess_manager_ip(machines[0]["host"],
-                                                                            machines[0].get("port", 22))
     base = Path(base)
     if not base.is_file():
         raise UserError(f"experiment config {base} not found")
-    config = remote_config(yaml.safe_load(base.read_text()), overlay_cfg, shared, ip, parsed, key_path,
+    config = remote_config(yaml.safe_load(base.read_text()), overlay_cfg, shared,
+                           manager_ip or overlay_cfg.get("nniManagerIp") or "", parsed, key_path,
                            python or str(Path(sys.executable).parent), base_dir=base.resolve().parent)
+    first = config["trainingService"]["machineList"][0]
+    ip = config["nniManagerIp"] = config["nniManagerIp"] or guess_manager_ip(first["host"], first.get("port", 22))
     path = write_config(config)
     check_workers(config, shared, port)
     summary = {"config": str(path), "nniManagerIp": ip, "shared": str(shared),
