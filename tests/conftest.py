@@ -126,3 +126,31 @@ def lively(model, images: torch.Tensor):
     with torch.no_grad():
         model(images)
     return model.eval()
+
+
+class _RecordingSession:
+    """An ONNX Runtime session that notes the shape of every input it is run on."""
+
+    def __init__(self, session, shapes: set):
+        self._session, self._shapes = session, shapes
+
+    def run(self, outputs, feeds):
+        self._shapes.update(tuple(x.shape) for x in feeds.values())
+        return self._session.run(outputs, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def record_feeds(monkeypatch) -> dict[str, set]:
+    """Make compression.benchmark's sessions note what they were fed: {file path: {input shapes}}."""
+    import compression.benchmark as bench
+
+    fed: dict[str, set] = {}
+    real = bench.onnx_session
+
+    def session(path, threads=None):
+        return _RecordingSession(real(path, threads), fed.setdefault(str(path), set()))
+
+    monkeypatch.setattr(bench, "onnx_session", session)
+    return fed

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from compression.reference import reference_curves, reference_sizes
-from conftest import write_yolov5_checkpoint
+from conftest import record_feeds, write_yolov5_checkpoint
 
 
 def test_reference_sizes_run_from_half_the_base_size_up_to_it_in_stride_multiples():
@@ -16,14 +16,17 @@ def test_reference_sizes_run_from_half_the_base_size_up_to_it_in_stride_multiple
 def test_reference_curves_measure_fp32_and_int8_at_each_size_once(tiny_yolov5, tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
     weights = write_yolov5_checkpoint(tiny_yolov5, tmp_path / "tiny.pt")
+    fed = record_feeds(monkeypatch)
     points = reference_curves(weights, tiny_data, 128, progress=False)
     assert [(p.imgsz, p.precision) for p in points] == [(64, "fp32"), (64, "int8"), (128, "fp32"), (128, "int8")]
     for p in points:
         assert 0 <= p.mAP50_95 <= 1 and p.latency_ratio_interval[0] <= p.latency_ratio <= p.latency_ratio_interval[1]
     sizes = {(p.imgsz, p.precision): p.size_mb for p in points}
     assert sizes[(128, "int8")] < 0.5 * sizes[(128, "fp32")]  # the INT8 points are really quantized files
-    # a quarter of the pixels is faster than the base size, whatever the noise of the machine
-    assert next(p for p in points if (p.imgsz, p.precision) == (64, "fp32")).latency_ratio < 0.9
+    # each point's file was timed at its own size against the base size (what was timed, not how fast)
+    assert all(len(shapes) == 1 for shapes in fed.values()), fed
+    timed = sorted(next(iter(shapes))[2] for shapes in fed.values())
+    assert timed.count(64) >= 2 and set(timed) == {64, 128}, fed  # FP32 and INT8 at 64 (and baselines), vs 128
     cached = list((tmp_path / "cache" / "reference").glob("*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == 4
     again = reference_curves(weights, tiny_data, 128, progress=False)  # from the cache: the same figures
