@@ -6,8 +6,8 @@ import torch
 from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
 from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
-from compression.quantize import (QuantConfig, conv_nodes, decode_nodes, int8_weight_count, ptq, ptq_graph,
-                                 space_to_depth_stem)
+from compression.onnx_passes import conv_nodes, decode_nodes, space_to_depth_stem_
+from compression.quantize import QuantConfig, int8_weight_count, ptq, ptq_graph
 from compression.runtime import onnx_session
 from conftest import lively
 
@@ -92,16 +92,16 @@ def test_concat_inputs_and_output_share_one_scale(fp32, calib, tmp_path, share):
 
 
 def test_folding_concats_changes_no_output(fp32, calib, tmp_path, monkeypatch):
-    import compression.quantize as quantize
+    import compression.onnx_passes as passes
 
     unfolded = tmp_path / "unfolded.onnx"
-    monkeypatch.setattr(quantize, "fold_concat_qdq", lambda model: 0)
+    monkeypatch.setattr(passes, "fold_concat_qdq_", lambda model: 0)
     cfg = QuantConfig(calib_method="minmax", fallback_rounds=0)
     ptq(fp32[1], unfolded, calib.numpy(), cfg, evaluate_fn=lambda p: 0.5, fp32_map=0.5, progress=False)
     monkeypatch.undo()
     model = onnx.load(str(unfolded))
     before = len(model.graph.node)
-    folded = quantize.fold_concat_qdq(model)
+    folded = passes.fold_concat_qdq_(model)
     assert folded > 0 and len(model.graph.node) < before - folded  # each fold drops a Q and its inputs' DQs
     onnx.checker.check_model(model)
     onnx.save(model, str(tmp_path / "folded.onnx"))
@@ -115,7 +115,7 @@ def test_space_to_depth_stem_computes_the_same(fp32, calib, tmp_path):
     model = onnx.load(str(fp32[1]))
     stem = next(n for n in model.graph.node if n.input[0] == model.graph.input[0].name)
     kernel = {a.name: helper.get_attribute_value(a) for a in stem.attribute}["kernel_shape"]
-    assert space_to_depth_stem(model) == [stem.name]  # 6x6/2 pad 2 (yolov5) and 3x3/2 pad 1 (ultralytics) alike
+    assert space_to_depth_stem_(model) == [stem.name]  # 6x6/2 pad 2 (yolov5) and 3x3/2 pad 1 (ultralytics) alike
     attrs = {a.name: helper.get_attribute_value(a) for a in stem.attribute}
     assert attrs["strides"] == [1, 1] and attrs["kernel_shape"] == [(k + 1) // 2 for k in kernel]
     assert next(n for n in model.graph.node if stem.input[0] in n.output).op_type == "SpaceToDepth"
@@ -144,7 +144,7 @@ def test_space_to_depth_stem_matches_any_stride_2_convolution(kernel, pad, tmp_p
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(tmp_path / "conv.onnx"))
-    assert space_to_depth_stem(model) == ["stem"]
+    assert space_to_depth_stem_(model) == ["stem"]
     onnx.save(model, str(tmp_path / "s2d.onnx"))
     x = rng.random((2, 3, 16, 12), dtype=np.float32)
     np.testing.assert_allclose(run(tmp_path / "s2d.onnx", x), run(tmp_path / "conv.onnx", x), rtol=1e-5, atol=1e-5)
@@ -321,11 +321,11 @@ def test_yolov5n_ptq_per_channel_keeps_its_accuracy(tmp_path):
 
 
 def test_pinned_resizes_change_no_output(fp32, calib, tmp_path):
-    from compression.quantize import pin_resize_layout
+    from compression.onnx_passes import pin_resize_layout_
 
     model = onnx.load(str(fp32[1]))
     resizes = [n for n in model.graph.node if n.op_type == "Resize"]
-    assert pin_resize_layout(model) == len(resizes) > 0
+    assert pin_resize_layout_(model) == len(resizes) > 0
     producers = {o: n for n in model.graph.node for o in n.output}
     assert all(producers[n.input[0]].op_type == "Reshape" for n in resizes)
     onnx.checker.check_model(model)
@@ -335,13 +335,13 @@ def test_pinned_resizes_change_no_output(fp32, calib, tmp_path):
 
 
 def test_fp32_convolutions_keep_their_weights_in_int8(fp32, calib, tmp_path):
-    from compression.quantize import boundary_convs, int8_weights_only
+    from compression.onnx_passes import boundary_convs, int8_weights_only_
 
     model = onnx.load(str(fp32[1]))
     inputs = {i.name for i in model.graph.input}
     head = [c for c in boundary_convs(model, decode_nodes(model))  # the head's output convolutions, as in ptq
             if next(n for n in model.graph.node if n.name == c).input[0] not in inputs]
-    assert int8_weights_only(model, head) == len(head) > 0
+    assert int8_weights_only_(model, head) == len(head) > 0
     onnx.save(model, str(tmp_path / "w.onnx"))
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in (n for n in model.graph.node if n.name in head):  # each weight now comes from int8 + scale
