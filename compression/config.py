@@ -14,37 +14,32 @@ from compression.prune import PruneConfig
 from compression.quantize import QuantConfig
 
 
+# The flat keys of ``--set``, NNI and ``report.json`` that belong to a stage: stage config -> {key: its field}. Each
+# stage config declares its fields, defaults and checks once; TrialConfig takes them from there, so a stage field
+# gets a search-space key by one line here, and the student cache key (derived from the stage configs) follows.
+STAGE_KEYS: dict[type, dict[str, str]] = {
+    PruneConfig: {"sparsity": "sparsity", "prune_method": "method", "prune_importance": "importance",
+                  "prune_rounds": "rounds"},
+    DistillConfig: {"kd_steps": "steps", "kd_temperature": "kd_temperature", "kd_alpha": "kd_alpha",
+                    "kd_feature": "kd_feature", "kd_images": "kd_images", "crop": "crop", "lr": "lr",
+                    "optimizer": "optimizer", "freeze_bn": "freeze_bn", "batch": "batch", "mosaic": "mosaic",
+                    "device": "device", "seed": "seed"},
+    QuantConfig: {"quant_granularity": "granularity", "calib_method": "calib_method", "calib_images": "calib_images",
+                  "max_int8_drop": "max_int8_drop", "seed": "seed"},
+}
+
+
 @dataclass
-class TrialConfig:
+class _TrialKeys:
+    """The keys that belong to the trial itself, not to one stage (TrialConfig adds the stage keys after them)."""
+
     deploy_imgsz: int = 0  # input side the shipped model runs at (px, a multiple of the stride), 0 = the base --imgsz
-    sparsity: float = 0.0  # fraction of the model's MACs removed by pruning, 0 <= sparsity < 0.9
-    prune_method: str = "channels"  # channels (filters) | blocks (whole residual bottlenecks) | both
-    prune_importance: str = "l2"  # which channels of a group go first: l1 | l2 | bn_scale
-    prune_rounds: int = 1  # pruning steps to the target, each followed by reconstruction and round_steps
-    # (sparsity 0.1 on coco1k: 1 round beat 4, held-out 0.132 vs 0.100 before the main recovery; README)
     round_steps: int = 25  # distillation steps after each pruning round
     recon_images: int = 32  # train images for the least-squares reconstruction after each round, 0 = none
-    kd_steps: int = 500  # optimizer steps of the main recovery (batch images each), after the last round
-    kd_temperature: float = 1.0  # 1..20
-    kd_alpha: float = 1.0  # 0..1, weight of the distillation loss (1 = no labels needed)
-    kd_feature: float = 1.0  # weight of the per-layer feature matching inside the distillation loss, >= 0
-    kd_images: str | None = None  # extra unlabeled image folder for distillation
-    crop: int = 320  # recovery trains on random crops of this side of imgsz images (0 = whole images)
     holdout_images: int = 64  # train images never trained on; best checkpoint and INT8 fallback are chosen there
-    lr: float = 0.003  # peak learning rate (0.01 and more undo the reconstruction: loss 0.10 -> 0.36 in 40 steps)
-    optimizer: str = "sgd"  # sgd | adamw
-    freeze_bn: bool = True  # BN running statistics stay fixed during recovery training
-    batch: int = 16  # images per training step
-    mosaic: float = 0.0  # mosaic augmentation probability, 0..1 (recovery learns the teacher on real images)
-    device: str = "auto"  # auto | cpu | cuda[:N]
-    seed: int = 0
     quantize: bool = True  # INT8 (PTQ, or QAT when qat_epochs > 0); false stops after distillation
-    quant_granularity: str = "per_channel"  # per_channel | per_tensor (weights)
-    calib_method: str = "percentile"  # percentile | minmax | entropy
-    calib_images: int = 128  # train images for calibration
     qat_epochs: int = 0  # 0 = post-training quantization
     qat_lr: float = 0.001  # peak learning rate of QAT (SGD: AdamW moves every weight by ~lr per step, too far here)
-    max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose (on the held-out images) before the fallback
     bench_threads: int = 0  # the cores you deploy on: ONNX Runtime threads of the latency benchmark, 0 = all here
 
     def __post_init__(self):
@@ -52,37 +47,60 @@ class TrialConfig:
             raise ValueError(f"qat_epochs must be in 0..100, got {self.qat_epochs}")
         if not 0 < self.qat_lr <= 1:
             raise ValueError(f"qat_lr must be in (0, 1], got {self.qat_lr}")
-        self.quant_config()
         if self.deploy_imgsz and not 32 <= self.deploy_imgsz <= 4096:
             raise ValueError(f"deploy_imgsz must be 0 (the base size) or in 32..4096 px, got {self.deploy_imgsz}")
         for name, top in (("recon_images", 10000), ("round_steps", 100000), ("holdout_images", 100000),
                           ("bench_threads", 1024)):
             if not 0 <= getattr(self, name) <= top:
                 raise ValueError(f"{name} must be in 0..{top}, got {getattr(self, name)}")
-        self.prune_config()
-        self.distill_config()
+        for stage in STAGE_KEYS:
+            self._stage(stage)  # the stage's own checks, their messages in the flat keys' names
+
+    def _stage(self, stage: type):
+        keys = STAGE_KEYS[stage]
+        try:
+            return stage(**{field_name: getattr(self, key) for key, field_name in keys.items()})
+        except ValueError as e:
+            message = str(e)
+            for key, field_name in keys.items():
+                if message.startswith(f"{field_name} "):
+                    message = key + message[len(field_name):]
+            raise ValueError(message) from None
+
+    def prune_config(self) -> PruneConfig:
+        return self._stage(PruneConfig)
+
+    def distill_config(self) -> DistillConfig:
+        return self._stage(DistillConfig)
 
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(granularity=self.quant_granularity, calib_method=self.calib_method,
-                           calib_images=self.calib_images, max_int8_drop=self.max_int8_drop, seed=self.seed)
+        return self._stage(QuantConfig)
 
     def qat_distill_config(self, steps_per_epoch: int) -> DistillConfig:
         # QAT learns to match the FP32 teacher, not the labels: pure distillation keeps it where the teacher is;
         # whole images without mosaic, as the INT8 file will see them.
-        return DistillConfig(steps=self.qat_epochs * steps_per_epoch, kd_temperature=self.kd_temperature, kd_alpha=1.0,
-                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.qat_lr, optimizer="sgd",
-                             batch=self.batch, mosaic=0.0, crop=0, device=self.device, seed=self.seed,
-                             warmup_steps=0, evals=self.qat_epochs, freeze_bn=True)  # BN folds into the INT8 weights
+        return dataclasses.replace(self.distill_config(), steps=self.qat_epochs * steps_per_epoch, kd_alpha=1.0,
+                                   lr=self.qat_lr, optimizer="sgd", mosaic=0.0, crop=0, warmup_steps=0,
+                                   evals=self.qat_epochs, freeze_bn=True)  # BN folds into the INT8 weights
 
-    def prune_config(self) -> PruneConfig:
-        return PruneConfig(sparsity=self.sparsity, method=self.prune_method, importance=self.prune_importance,
-                           rounds=self.prune_rounds)
 
-    def distill_config(self) -> DistillConfig:
-        return DistillConfig(steps=self.kd_steps, kd_temperature=self.kd_temperature, kd_alpha=self.kd_alpha,
-                             kd_feature=self.kd_feature, kd_images=self.kd_images, lr=self.lr, optimizer=self.optimizer,
-                             crop=self.crop, freeze_bn=self.freeze_bn, batch=self.batch, mosaic=self.mosaic,
-                             device=self.device, seed=self.seed)
+def _stage_fields() -> list[tuple[str, str, dataclasses.Field]]:
+    """TrialConfig's stage keys as dataclass fields: each with its stage field's type and default."""
+    out, seen = [], set()
+    for stage, keys in STAGE_KEYS.items():
+        declared = {f.name: f for f in fields(stage)}
+        for key, field_name in keys.items():
+            if key not in seen:
+                seen.add(key)
+                f = declared[field_name]
+                out.append((key, f.type, dataclasses.field(default=f.default)))
+    return out
+
+
+TrialConfig = dataclasses.make_dataclass("TrialConfig", _stage_fields(), bases=(_TrialKeys,))
+TrialConfig.__module__ = __name__
+TrialConfig.__doc__ = ("The parameters of one run of the chain: the trial's own keys (:class:`_TrialKeys`) and every "
+                       "stage key of :data:`STAGE_KEYS`, with the stage config's default.")
 
 
 def parse_sets(pairs: list[str]) -> dict:

@@ -29,7 +29,8 @@ class PruneConfig:
     sparsity: float = 0.0  # fraction of the model's MACs to remove (at the evaluation imgsz), 0 <= sparsity < 0.9
     method: str = "channels"  # "channels" (filters) | "blocks" (whole residual bottlenecks) | "both"
     importance: str = "l2"  # which channels of a group go first: "l1" | "l2" (filter norms) | "bn_scale" (|gamma|)
-    rounds: int = 4  # progressive steps to the target, each followed by the caller's recovery
+    rounds: int = 1  # progressive steps to the target, each followed by the caller's recovery
+    # (sparsity 0.1 on coco1k: 1 round beat 4, held-out 0.132 vs 0.100 before the main recovery; README)
     round_to: int = 8  # kept widths are multiples of this where the group's width is
     min_channels: int = 8  # no group is pruned below this width
     max_group_sparsity: float = 0.5  # at most this fraction of a group's original channels is removed

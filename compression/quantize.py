@@ -41,7 +41,8 @@ class QuantConfig:
     granularity: str = "per_channel"  # weights: one scale per output channel | one per tensor
     calib_method: str = "percentile"  # activation ranges: percentile (99.999) | minmax | entropy
     calib_images: int = 128  # train images for calibration
-    max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input before the fallback
+    max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input (on the held-out
+    # images) before the fallback
     fallback_rounds: int = 3  # at most this many re-quantizations with more sensitive convolutions kept apart
     fallback: str = "uint8_weights"  # how: uint8_weights (asymmetric uint8 weights: no u8s8 saturation) | fp32
     share_concat_ranges: bool = True  # one range for a Concat's inputs and output (no requantization there)
@@ -49,7 +50,7 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.granularity not in GRANULARITY:
-            raise ValueError(f"quant_granularity must be one of {GRANULARITY}, got {self.granularity!r}")
+            raise ValueError(f"granularity must be one of {GRANULARITY}, got {self.granularity!r}")
         if self.calib_method not in CALIB_METHODS:
             raise ValueError(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
         if not 1 <= self.calib_images <= 100000:

@@ -291,7 +291,7 @@ def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
 
 
 def test_bad_quant_values_are_refused():
-    with pytest.raises(ValueError, match="quant_granularity"):
+    with pytest.raises(ValueError, match="^granularity must be one of"):  # the field it has
         QuantConfig(granularity="per_layer")
     with pytest.raises(ValueError, match="calib_method"):
         QuantConfig(calib_method="mse")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -5,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from compression.config import build_config, parse_sets
+from compression.config import STAGE_KEYS, TrialConfig, _TrialKeys, build_config, parse_sets
+from compression.distill import DistillConfig
 from compression.errors import UserError
-from compression.quantize import int8_weight_count
+from compression.prune import PruneConfig
+from compression.quantize import QuantConfig, int8_weight_count
 from conftest import write_yolov5_checkpoint
 
 TRIAL = Path(__file__).resolve().parents[1] / "trial.py"
@@ -88,10 +91,26 @@ def test_set_values_are_typed():
     assert (cfg.sparsity, cfg.kd_steps, cfg.quantize, cfg.prune_method) == (0.2, 3, False, "blocks")
     with pytest.raises(UserError, match="kd_steps must be an int"):
         build_config(parse_sets(["kd_steps=1.5"]))
-    with pytest.raises(UserError, match="method must be one of"):
+    with pytest.raises(UserError, match="^prune_method must be one of"):  # the stage's check, in the key's name
         build_config(parse_sets(["prune_method=layers"]))
+    with pytest.raises(UserError, match="^quant_granularity must be one of"):
+        build_config(parse_sets(["quant_granularity=per_layer"]))
     with pytest.raises(UserError, match="key=value"):
         parse_sets(["sparsity"])
+
+
+def test_trial_keys_are_the_stage_configs_fields():
+    # one declaration of each stage field and default: the trial's defaults are the stage configs' defaults
+    cfg = TrialConfig()
+    assert (cfg.prune_config(), cfg.distill_config(), cfg.quant_config()) == (PruneConfig(), DistillConfig(),
+                                                                              QuantConfig())
+    # a stage key reaches its stage under its own name
+    cfg = build_config({"prune_rounds": 3, "kd_steps": 7, "quant_granularity": "per_tensor", "seed": 5})
+    assert (cfg.prune_config().rounds, cfg.distill_config().steps, cfg.quant_config().granularity) == \
+        (3, 7, "per_tensor")
+    assert cfg.distill_config().seed == cfg.quant_config().seed == 5
+    stage_keys = {key for keys in STAGE_KEYS.values() for key in keys}
+    assert stage_keys | {f.name for f in dataclasses.fields(_TrialKeys)} == {f.name for f in dataclasses.fields(cfg)}
 
 
 @pytest.mark.slow
