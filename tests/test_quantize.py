@@ -6,7 +6,7 @@ import torch
 from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
 from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
-from compression.onnx_passes import conv_nodes, decode_nodes, space_to_depth_stem_
+from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, space_to_depth_stem_
 from compression.quantize import QuantConfig, int8_weight_count, ptq, ptq_graph
 from compression.runtime import onnx_session
 from conftest import lively
@@ -175,14 +175,30 @@ def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, gr
 
 
 @pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
-def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path):
+def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path, monkeypatch):
+    import compression.quantize as quantize
+
+    # a known sensitivity per convolution (a seeded shuffle), read when one convolution alone is quantized
+    graph = ptq_graph(fp32[1])[0]
+    decode = decode_nodes(graph)
+    convs = [c for c in conv_nodes(graph) if c not in boundary_convs(graph, decode)]
+    ranked = [convs[i] for i in np.random.default_rng(0).permutation(len(convs))]  # most sensitive first
+    alone, real = [], quantize._quantize
+    monkeypatch.setattr(quantize, "_quantize", lambda *a, only=None, **k: alone.append(only) or real(*a, only=only, **k))
+    monkeypatch.setattr(quantize, "output_error", lambda ref, cand, images, imgsz: -ranked.index(alone[-1][0]))
     scores = iter([0.1, 0.2, 0.45])  # INT8 far below FP32 (0.5): two fallback rounds, the last one passes
     cfg = QuantConfig(fallback_rounds=3, max_int8_drop=0.1)
     res = ptq(fp32[1], tmp_path / "int8.onnx", calib.numpy(), cfg, evaluate_fn=lambda p: next(scores), fp32_map=0.5,
               progress=False)
-    assert [len(r["fallback"]) for r in res.rounds] == [0, 3, 6]
-    assert res.fallback_nodes == res.rounds[-1]["fallback"]
-    assert set(res.fallback_nodes) <= set(conv_nodes(onnx.load(str(fp32[1]))))
+    assert [r["fallback"] for r in res.rounds] == [[], ranked[:3], ranked[:6]]  # the worst first, 3 then 6
+    assert res.fallback_nodes == ranked[:6]
+    # in the shipped file exactly those convolutions have uint8 weights (u8u8 kernels), the others int8
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    kinds = {n.name: inits.get(producers[n.input[1]].input[0]) for n in model.graph.node if n.name in convs}
+    assert {c for c, k in kinds.items() if k == onnx.TensorProto.UINT8} == set(ranked[:6])
+    assert {c for c, k in kinds.items() if k == onnx.TensorProto.INT8} == set(convs) - set(ranked[:6])
 
 
 @pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
