@@ -243,101 +243,134 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
     Example:
         >>> small, result = distill(pruned, model, load_data_config("coco1k.yaml"), DistillConfig(steps=600))
     """
-    from ultralytics.utils.torch_utils import ModelEMA
-
     t0 = time.perf_counter()
     result = DistillResult()
     student = copy.deepcopy(student)
     if cfg.steps == 0:
         return student, result
-    torch.manual_seed(cfg.seed)
-    device = select_device(cfg.device)
-    student = student.to(device).float()
-    teacher = copy.deepcopy(teacher).to(device).float().train()  # train mode: raw outputs; BN frozen below
-    _freeze_bn_(teacher)
-    teacher.requires_grad_(False)
+    run = _Recovery(student, teacher, data, cfg, imgsz, kept, result)
     holdout = holdout if cfg.evals else None
-    batches = _batches(data, cfg, imgsz, int(max(student.stride)))
-    unlabeled = _batches({**data, "train": cfg.kd_images}, cfg, imgsz, int(max(student.stride)), True) \
-        if cfg.kd_images else None
-    criterion = task_loss(student, cfg.crop or imgsz)
-    optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
-    warmup = min(cfg.warmup_steps, cfg.steps // 4)
-    # ultralytics' EMA ramps its decay up to 0.9999 over ~2000 steps; a recovery run is often a few hundred steps,
-    # so average over about a fifth of the run instead.
-    ema = ModelEMA(student, decay=min(0.9999, 1 - 5 / cfg.steps), tau=max(1, cfg.steps / 10))
-    taps = FeatureTaps(student, teacher, kept) if cfg.kd_feature and cfg.kd_alpha else None  # after the EMA copy
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    gen = torch.Generator().manual_seed(cfg.seed)
-
-    def step_loss(batch, labeled: bool) -> torch.Tensor:
-        batch = crop_batch(batch, cfg.crop, gen) if cfg.crop else batch
-        img = batch["img"].to(device, non_blocking=True).float() / 255
-        result.images += len(img)
-        with torch.autocast(device.type, enabled=amp):
-            raw = student(img)
-            with torch.no_grad():
-                t_raw = teacher(img)
-            kd = kd_loss(raw_view(student, raw), raw_view(teacher, t_raw), cfg.kd_temperature,
-                         taps.loss() if taps else None, cfg.kd_feature)
-            if not labeled or cfg.kd_alpha == 1:
-                return kd
-            task, _ = criterion(raw, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
-            return (1 - cfg.kd_alpha) * task + cfg.kd_alpha * kd
 
     def evaluate_checkpoint(model, step, loss):
-        metrics = evaluate(model, holdout, imgsz, batch=cfg.batch, device=str(device), progress=False)
-        record = {"step": step, "loss": loss, "mAP50": metrics.mAP50, "mAP50_95": metrics.mAP50_95,
-                  "seconds": time.perf_counter() - t0}
-        return record
+        metrics = evaluate(model, holdout, imgsz, batch=cfg.batch, device=str(run.device), progress=False)
+        return {"step": step, "loss": loss, "mAP50": metrics.mAP50, "mAP50_95": metrics.mAP50_95,
+                "seconds": time.perf_counter() - t0}
 
     best_map, best_state = -1.0, None
     if holdout is not None:  # the input is a candidate too: a short run on few images can end below where it started
-        result.start_mAP50_95 = best_map = evaluate_checkpoint(student, 0, None)["mAP50_95"]
-        best_state = copy.deepcopy(student.state_dict())
+        result.start_mAP50_95 = best_map = evaluate_checkpoint(run.student, 0, None)["mAP50_95"]
+        best_state = copy.deepcopy(run.student.state_dict())
     marks = {max(1, round(cfg.steps * (i + 1) / cfg.evals)) for i in range(cfg.evals)} if holdout is not None else set()
     running, bar = 0.0, tqdm(range(1, cfg.steps + 1), desc="distill", disable=not progress, leave=False)
     for step in bar:
-        student.train()
-        if cfg.freeze_bn:  # keep BN running statistics (the teacher's, for the kept channels); affine still trains
-            _freeze_bn_(student)
-        ramp = min(1.0, step / warmup) if warmup else 1.0
-        cosine = 0.01 + 0.99 * (1 + math.cos(math.pi * (step - 1) / cfg.steps)) / 2  # one cycle down to 1% of lr
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * cosine * ramp
-            if "momentum" in g:
-                g["momentum"] = 0.8 + (0.937 - 0.8) * ramp  # YOLOv5's warm-up momentum
-        loss = step_loss(next(batches), labeled=True)
-        if unlabeled is not None:
-            loss = loss + step_loss(next(unlabeled), labeled=False)
-        optimizer.zero_grad(set_to_none=True)
-        result.steps = step
-        if not torch.isfinite(loss):  # a diverging step must not poison the weights (seen at lr 0.01)
-            result.skipped_steps += 1
+        loss = run.step(step)
+        if loss is None:
             continue
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if not torch.isfinite(nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)) and not amp:
-            result.skipped_steps += 1
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        ema.update(student)
-        running = loss.item() if step == 1 else 0.95 * running + 0.05 * loss.item()
+        running = loss if step == 1 else 0.95 * running + 0.05 * loss
         bar.set_postfix(loss=f"{running:.3f}")
         if step in marks:
-            record = evaluate_checkpoint(ema.ema, step, running)
+            record = evaluate_checkpoint(run.ema.ema, step, running)
             result.evals.append(record)
             if on_eval:
                 on_eval(record)
             if record["mAP50_95"] > best_map:
-                best_map, best_state, result.best_step = record["mAP50_95"], copy.deepcopy(ema.ema.state_dict()), step
-    if taps:
-        taps.remove()
-    student.load_state_dict(best_state if best_state is not None else ema.ema.state_dict())
+                best_map, result.best_step = record["mAP50_95"], step
+                best_state = copy.deepcopy(run.ema.ema.state_dict())
+    run.close()
+    student = run.student
+    student.load_state_dict(best_state if best_state is not None else run.ema.ema.state_dict())
     result.seconds = time.perf_counter() - t0
     return student.cpu().eval(), result
+
+
+def schedule(step: int, steps: int, warmup: int, lr: float) -> tuple[float, float]:
+    """(learning rate, SGD momentum) at ``step`` (from 1) of ``steps``: YOLOv5's linear warm-up over ``warmup`` steps
+    (LR from 0, momentum 0.8 -> 0.937), times one cosine cycle from ``lr`` down to 1 % of it."""
+    ramp = min(1.0, step / warmup) if warmup else 1.0
+    cosine = 0.01 + 0.99 * (1 + math.cos(math.pi * (step - 1) / steps)) / 2
+    return lr * cosine * ramp, 0.8 + (0.937 - 0.8) * ramp
+
+
+class _Recovery:
+    """The state of one :func:`distill` run (models on the device, batch streams, loss, optimiser, EMA, feature
+    taps) and its optimizer step."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConfig, imgsz: int,
+                 kept: dict[str, list[int]] | None, result: DistillResult):
+        from ultralytics.utils.torch_utils import ModelEMA
+
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.result = cfg, result
+        self.device = device = select_device(cfg.device)
+        self.student = student = student.to(device).float()
+        self.teacher = copy.deepcopy(teacher).to(device).float().train()  # train mode: raw outputs; BN frozen below
+        _freeze_bn_(self.teacher)
+        self.teacher.requires_grad_(False)
+        stride = int(max(student.stride))
+        self.batches = _batches(data, cfg, imgsz, stride)
+        self.unlabeled = _batches({**data, "train": cfg.kd_images}, cfg, imgsz, stride, True) if cfg.kd_images else None
+        self.criterion = task_loss(student, cfg.crop or imgsz)
+        self.optimizer = _optimizer(student, cfg.lr, cfg.optimizer)
+        self.warmup = min(cfg.warmup_steps, cfg.steps // 4)
+        # ultralytics' EMA ramps its decay up to 0.9999 over ~2000 steps; a recovery run is often a few hundred
+        # steps, so average over about a fifth of the run instead.
+        self.ema = ModelEMA(student, decay=min(0.9999, 1 - 5 / cfg.steps), tau=max(1, cfg.steps / 10))
+        # after the EMA copy, so the EMA model carries no hooks
+        self.taps = FeatureTaps(student, self.teacher, kept) if cfg.kd_feature and cfg.kd_alpha else None
+        self.amp = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def loss(self, batch: dict, labeled: bool) -> torch.Tensor:
+        """The loss of one batch: kd_loss, plus the task loss on labeled batches when ``kd_alpha < 1``."""
+        cfg, device = self.cfg, self.device
+        batch = crop_batch(batch, cfg.crop, self.gen) if cfg.crop else batch
+        img = batch["img"].to(device, non_blocking=True).float() / 255
+        self.result.images += len(img)
+        with torch.autocast(device.type, enabled=self.amp):
+            raw = self.student(img)
+            with torch.no_grad():
+                t_raw = self.teacher(img)
+            kd = kd_loss(raw_view(self.student, raw), raw_view(self.teacher, t_raw), cfg.kd_temperature,
+                         self.taps.loss() if self.taps else None, cfg.kd_feature)
+            if not labeled or cfg.kd_alpha == 1:
+                return kd
+            task, _ = self.criterion(raw, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            return (1 - cfg.kd_alpha) * task + cfg.kd_alpha * kd
+
+    def step(self, step: int) -> float | None:
+        """One optimizer step (``step`` from 1); returns its loss, or None when the loss or the gradient was not
+        finite (the step is skipped: a diverging step must not poison the weights, seen at lr 0.01)."""
+        cfg, student, optimizer = self.cfg, self.student, self.optimizer
+        student.train()
+        if cfg.freeze_bn:  # keep BN running statistics (the teacher's, for the kept channels); affine still trains
+            _freeze_bn_(student)
+        lr, momentum = schedule(step, cfg.steps, self.warmup, cfg.lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+            if "momentum" in g:
+                g["momentum"] = momentum
+        loss = self.loss(next(self.batches), labeled=True)
+        if self.unlabeled is not None:
+            loss = loss + self.loss(next(self.unlabeled), labeled=False)
+        optimizer.zero_grad(set_to_none=True)
+        self.result.steps = step
+        if not torch.isfinite(loss):
+            self.result.skipped_steps += 1
+            return None
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        if not torch.isfinite(nn.utils.clip_grad_norm_(student.parameters(), max_norm=10.0)) and not self.amp:
+            self.result.skipped_steps += 1
+            return None
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.ema.update(student)
+        return loss.item()
+
+    def close(self) -> None:
+        if self.taps:
+            self.taps.remove()
 
 
 def _batches(data: dict, cfg: DistillConfig, imgsz: int, stride: int, unlabeled: bool = False):

@@ -204,3 +204,13 @@ def test_distill_and_qat_epochs_on_cuda_give_a_cpu_model_that_exports(tiny_yolov
     if qat:
         strip_qat_(trained)
     export_onnx(trained, 64, tmp_path / "model.onnx")  # checks ONNX Runtime against torch on the CPU
+
+
+def test_schedule_warms_up_then_follows_one_cosine_to_one_percent():
+    from compression.distill import schedule
+
+    lr, momentum = zip(*(schedule(step, 100, 10, 0.01) for step in range(1, 101)))
+    assert lr[0] == pytest.approx(0.001, rel=0.01) and momentum[0] == pytest.approx(0.8137)  # 1/10 of the way up
+    assert max(lr) == lr[9] and momentum[9:] == (0.937,) * 91  # warm-up ends at step 10
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:])) and lr[-1] == pytest.approx(0.0001, rel=0.05)
+    assert schedule(1, 100, 0, 0.01) == (0.01, 0.937)  # no warm-up: the full LR at once
