@@ -14,15 +14,28 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import onnx
 import torch
 
+from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
 from compression.config import TrialConfig
+from compression.data import holdout_split, load_data_config, split_images, train_images
+from compression.distill import distill
+from compression.evaluate import EvalResult, check_imgsz, evaluate
+from compression.export import export_onnx
+from compression.measure import Measurement, baseline
+from compression.models import load_model
+from compression.prune import Structure, apply_structure, prune, reconstruct_
+from compression.qat import learned_ranges, prepare_qat, strip_qat_
+from compression.quantize import ptq, ptq_graph
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
 STUDENT_VERSION = 4  # bump when pruning or distillation changes what a cached student holds
@@ -49,8 +62,6 @@ def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
 
 def _load_student(entry: Path, teacher):
     """The cached student: the teacher cut to the cached structure (no training), then its trained tensors."""
-    from compression.prune import Structure, apply_structure
-
     stages = json.loads((entry / "stages.json").read_text())
     student = apply_structure(teacher, Structure(**stages["prune"]["structure"]))
     student.load_state_dict(torch.load(entry / "state.pt", map_location="cpu", weights_only=True))  # tensors only
@@ -82,10 +93,6 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
     without the held-out images: reconstruction, sensitivity and distillation read only it. ``on_stage("distill")``
     is called when the main recovery starts.
     """
-    from compression.data import train_images
-    from compression.distill import distill
-    from compression.prune import prune, reconstruct_
-
     t0 = time.perf_counter()
     pcfg = cfg.prune_config()
     sensitivity_size = min(imgsz, 256)  # the ranking of the cuts, not their mAP: small images suffice
@@ -127,13 +134,6 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     ``on_stage(name)`` is called as each stage starts: baseline, prune, distill, export, quantize, measure, report.
     ``on_eval(record)`` after each held-out evaluation of a training run (recovery, QAT).
     """
-    from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
-    from compression.data import holdout_split, load_data_config
-    from compression.evaluate import EvalResult, check_imgsz, evaluate
-    from compression.export import export_onnx
-    from compression.measure import Measurement, baseline
-    from compression.models import load_model
-
     def stage(name: str) -> None:
         if on_stage:
             on_stage(name)
@@ -150,7 +150,6 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     imgsz = check_imgsz(cfg.deploy_imgsz or base_imgsz, stride)  # the trial's size: trained, exported, timed at it
     stage("baseline")
     base, base_onnx = baseline(teacher, weights, data, base_imgsz, progress=progress)
-    stages: dict = {}
     evals: list[dict] = []
 
     def record_eval(name: str, record: dict) -> None:
@@ -158,32 +157,10 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
         if on_eval:
             on_eval({"stage": name, "index": len(evals), **record})
 
-    # 1-3: the FP32 student, from the cache when another trial already made it.
-    key = student_key(weights, data, imgsz, cfg)
-    entry = cache_dir() / "students" / key
-    if entry.is_dir() and (entry / "stages.json").is_file():
-        student, cached = _load_student(entry, teacher)
-        stages.update(cached)
-        stages["cache"] = {"student": "hit", "key": key}
-        for record in cached["distill"]["evals"]:  # replayed: the assessor sees the same curve
-            record_eval("distill", record)
-    else:
-        stage("prune")
-        student, made = make_student(teacher, train, holdout, imgsz, cfg, record_eval, progress, stage)
-        stages.update(made)
-        _save_student(entry, student, made)
-        stages["cache"] = {"student": "miss", "key": key}
-
+    student, stages = fp32_student(teacher, weights, data, train, holdout, imgsz, cfg, record_eval, stage, progress)
     stage("export")
-    t0 = time.perf_counter()
-    fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
-    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
-        fp32_base = base if imgsz == base_imgsz else baseline(teacher, weights, data, imgsz, progress=progress)[0]
-        fp32_acc = EvalResult(fp32_base.mAP50, fp32_base.mAP50_95, 0)
-    else:
-        fp32_acc = evaluate(fp32_path, data, imgsz, progress=progress)
-    stages["export"] = {"fp32_mAP50_95": fp32_acc.mAP50_95, "seconds": time.perf_counter() - t0}
-
+    fp32_path, fp32_acc, stages["export"] = export_student(student, teacher, weights, data, imgsz, base_imgsz, base,
+                                                           cfg, out, progress)
     model_path = out / "model.onnx"
     if cfg.quantize:
         stage("quantize")
@@ -191,7 +168,6 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
                                             record_eval, progress)
     else:
         copy_atomic(fp32_path, model_path)
-
     stage("measure")
     t0 = time.perf_counter()
     # the shipped model's one val evaluation (without INT8 it is the FP32 file, evaluated above)
@@ -200,23 +176,57 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     # Each file at its own size: the baseline at the base size, so the speedup includes the resolution.
     speed, base_speed = benchmark_pair(model_path, base_onnx, runs=150, threads=cfg.bench_threads or None,
                                        progress=progress)
-    ratio_lo, ratio_hi = ratio_interval(speed, base_speed)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
-    weights = Path(weights).resolve() if Path(weights).is_file() else weights  # found from any folder
-    report = {"config": asdict(cfg), "weights": str(weights), "data": data["yaml_file"], "imgsz": base_imgsz,
-              "deploy_imgsz": imgsz, "bench_threads": speed.threads, "baseline": asdict(base), "result": asdict(result),
-              "speedup": base.latency_ms / result.latency_ms, "compression": base.size_mb / result.size_mb,
-              "latency_ratio": result.latency_ms / base.latency_ms, "latency_ratio_interval": [ratio_lo, ratio_hi],
-              "macs_ratio": macs / base.macs, "params_ratio": params / base.params,
-              "evals": evals, "stages": stages}
+    report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
+              "data": data["yaml_file"], "imgsz": base_imgsz, "deploy_imgsz": imgsz, "bench_threads": speed.threads,
+              **compare(result, base, ratio_interval(speed, base_speed)), "evals": evals, "stages": stages}
     if score_fn:
         report["final"] = score_fn(report)
     stage("report")
     _atomic_json(out / "report.json", report)  # last: a report means the run finished
     return report
+
+
+def fp32_student(teacher, weights: str, data: dict, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
+                 record_eval: Callable[[str, dict], None], stage: Callable[[str], None], progress: bool):
+    """Steps 1-3, the FP32 student: from the cache when another trial already made it (its evaluations replayed to
+    ``record_eval``, so the assessor sees the same curve), else made by :func:`make_student` and cached.
+    Returns ``(student, {"prune", "distill", "cache"})``."""
+    key = student_key(weights, data, imgsz, cfg)
+    entry = cache_dir() / "students" / key
+    if entry.is_dir() and (entry / "stages.json").is_file():
+        student, stages = _load_student(entry, teacher)
+        for record in stages["distill"]["evals"]:
+            record_eval("distill", record)
+        return student, {**stages, "cache": {"student": "hit", "key": key}}
+    stage("prune")
+    student, stages = make_student(teacher, train, holdout, imgsz, cfg, record_eval, progress, stage)
+    _save_student(entry, student, stages)
+    return student, {**stages, "cache": {"student": "miss", "key": key}}
+
+
+def export_student(student, teacher, weights: str, data: dict, imgsz: int, base_imgsz: int, base, cfg: TrialConfig,
+                   out: Path, progress: bool):
+    """Export the student to ``out/fp32.onnx`` and evaluate it on val. Returns ``(path, EvalResult, stage dict)``."""
+    t0 = time.perf_counter()
+    fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
+    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
+        fp32_base = base if imgsz == base_imgsz else baseline(teacher, weights, data, imgsz, progress=progress)[0]
+        fp32_acc = EvalResult(fp32_base.mAP50, fp32_base.mAP50_95, 0)
+    else:
+        fp32_acc = evaluate(fp32_path, data, imgsz, progress=progress)
+    return fp32_path, fp32_acc, {"fp32_mAP50_95": fp32_acc.mAP50_95, "seconds": time.perf_counter() - t0}
+
+
+def compare(result, base, interval: tuple[float, float]) -> dict:
+    """The report's figures of the shipped model against the FP32 baseline timed in the same run."""
+    return {"baseline": asdict(base), "result": asdict(result), "speedup": base.latency_ms / result.latency_ms,
+            "compression": base.size_mb / result.size_mb, "latency_ratio": result.latency_ms / base.latency_ms,
+            "latency_ratio_interval": list(interval), "macs_ratio": result.macs / base.macs,
+            "params_ratio": result.params / base.params}
 
 
 def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: dict, holdout: dict | None,
@@ -226,18 +236,6 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
     QAT trains the fake-quantized twin of the PTQ file (:func:`compression.qat.prepare_qat`) and ships its INT8
     export only if it beats the PTQ file on the held-out train images (``holdout``; the train split itself when none
     are held out), never on val; the fallback's drop check and its choice of round read the same images."""
-    import math
-    import tempfile
-
-    import onnx
-
-    from compression.data import split_images, train_images
-    from compression.distill import distill
-    from compression.evaluate import evaluate
-    from compression.export import export_onnx
-    from compression.qat import learned_ranges, prepare_qat, strip_qat_
-    from compression.quantize import ptq, ptq_graph
-
     qcfg = cfg.quant_config()
     images = train_images(train, qcfg.calib_images, imgsz, cfg.seed)
     chosen_on = "holdout" if holdout else "train"
