@@ -272,12 +272,80 @@ def detect_head(model: nn.Module) -> nn.Module:
     return model.model[-1]
 
 
+class Family:
+    """What differs between the checkpoint families (original YOLOv5, ultralytics) after loading, behind one
+    interface: which convolutions the decode fixes, the detection loss, and the raw outputs seen alike. Pruning,
+    distillation and quantization ask :func:`family`; none of them branches on the family itself."""
+
+    name = ""
+
+    def output_convs(self, head: nn.Module) -> list[nn.Conv2d]:
+        """The head's final convolutions, whose output shapes the decode fixes."""
+        raise NotImplementedError
+
+    def task_loss(self, model: nn.Module, imgsz: int):
+        raise NotImplementedError
+
+    def raw_view(self, head: nn.Module, raw) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def never_pruned(self, model: nn.Module) -> list[nn.Module]:
+        """Convolutions whose output width is fixed: the head's outputs and frozen ones (ultralytics' DFL)."""
+        head = detect_head(model)
+        return self.output_convs(head) + [m for m in head.modules() if isinstance(m, nn.Conv2d)
+                                          and not any(p.requires_grad for p in m.parameters())]
+
+
+class _YOLOv5(Family):
+    name = "yolov5"
+
+    def output_convs(self, head):
+        return list(head.m)
+
+    def task_loss(self, model, imgsz):
+        return YOLOv5Loss(detect_head(model), imgsz)
+
+    def raw_view(self, head, raw):
+        p = torch.cat([r.view(r.shape[0], -1, head.no) for r in raw], 1)
+        return {"cls": p[..., 5:], "obj": p[..., 4], "box": p[..., :4].sigmoid()}
+
+
+class _Ultralytics(Family):
+    name = "ultralytics"
+
+    def output_convs(self, head):
+        return [seq[-1] for branch in (head.cv2, head.cv3) for seq in branch if isinstance(seq[-1], nn.Conv2d)]
+
+    def task_loss(self, model, imgsz):
+        from ultralytics.cfg import get_cfg
+        from ultralytics.utils import DEFAULT_CFG
+
+        if not hasattr(model, "args") or not hasattr(model.args, "box"):
+            model.args = get_cfg(DEFAULT_CFG)  # the loss reads its gains (box, cls, dfl) from model.args
+        criterion = model.init_criterion()
+
+        def loss(raw, batch):
+            total, items = criterion(raw, batch)
+            return total.sum(), items
+
+        return loss
+
+    def raw_view(self, head, raw):
+        raw = raw.get("one2many", raw)
+        b, _, a = raw["boxes"].shape
+        dist = raw["boxes"].view(b, 4, -1, a).softmax(2)
+        bins = torch.arange(dist.shape[2], device=dist.device, dtype=dist.dtype).view(1, 1, -1, 1)
+        return {"cls": raw["scores"].transpose(1, 2), "obj": None, "box": (dist * bins).sum(2).transpose(1, 2)}
+
+
+def family(model: nn.Module) -> Family:
+    """The model's family, told by its head: the anchor-based head is the original YOLOv5's."""
+    return _YOLOv5() if isinstance(detect_head(model), AnchorDetect) else _Ultralytics()
+
+
 def head_output_convs(model: nn.Module) -> list[nn.Conv2d]:
     """The head's final convolutions, whose output shapes are fixed by the decode (never pruned or quantized away)."""
-    head = detect_head(model)
-    if isinstance(head, AnchorDetect):
-        return list(head.m)
-    return [seq[-1] for branch in (head.cv2, head.cv3) for seq in branch if isinstance(seq[-1], nn.Conv2d)]
+    return family(model).output_convs(detect_head(model))
 
 
 class YOLOv5Loss:
@@ -353,21 +421,7 @@ class YOLOv5Loss:
 
 def task_loss(model: nn.Module, imgsz: int = 640):
     """The family's own detection loss: ``loss(raw_outputs, batch) -> (loss x batch size, detached items)``."""
-    head = detect_head(model)
-    if isinstance(head, AnchorDetect):
-        return YOLOv5Loss(head, imgsz)
-    from ultralytics.cfg import get_cfg
-    from ultralytics.utils import DEFAULT_CFG
-
-    if not hasattr(model, "args") or not hasattr(model.args, "box"):
-        model.args = get_cfg(DEFAULT_CFG)  # the loss reads its gains (box, cls, dfl) from model.args
-    criterion = model.init_criterion()
-
-    def loss(raw, batch):
-        total, items = criterion(raw, batch)
-        return total.sum(), items
-
-    return loss
+    return family(model).task_loss(model, imgsz)
 
 
 def raw_view(model: nn.Module, raw) -> dict[str, torch.Tensor | None]:
@@ -376,12 +430,4 @@ def raw_view(model: nn.Module, raw) -> dict[str, torch.Tensor | None]:
     ``box`` is what the head regresses before the pixel decode: YOLOv5's sigmoid xywh offsets, or the expected
     DFL distances (grid cells) of an ultralytics head. Distillation compares student and teacher through this.
     """
-    head = detect_head(model)
-    if isinstance(head, AnchorDetect):
-        p = torch.cat([r.view(r.shape[0], -1, head.no) for r in raw], 1)
-        return {"cls": p[..., 5:], "obj": p[..., 4], "box": p[..., :4].sigmoid()}
-    raw = raw.get("one2many", raw)
-    b, _, a = raw["boxes"].shape
-    dist = raw["boxes"].view(b, 4, -1, a).softmax(2)
-    bins = torch.arange(dist.shape[2], device=dist.device, dtype=dist.dtype).view(1, 1, -1, 1)
-    return {"cls": raw["scores"].transpose(1, 2), "obj": None, "box": (dist * bins).sum(2).transpose(1, 2)}
+    return family(model).raw_view(detect_head(model), raw)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.benchmark import count_params_and_macs
-from compression.models import detect_head, head_output_convs, raw_view
+from compression.models import family, raw_view
 
 IMPORTANCE = ("l1", "l2", "bn_scale")
 METHODS = ("channels", "blocks", "both")
@@ -81,10 +81,7 @@ def _importance(name: str):
 
 
 def _never_pruned(model: nn.Module) -> list[nn.Module]:
-    """Convolutions whose output width is fixed: the head's outputs (the decode) and frozen ones (ultralytics' DFL)."""
-    head = detect_head(model)
-    return head_output_convs(model) + [m for m in head.modules() if isinstance(m, nn.Conv2d)
-                                       and not any(p.requires_grad for p in m.parameters())]
+    return family(model).never_pruned(model)
 
 
 def residual_blocks(model: nn.Module) -> dict[str, nn.Module]:

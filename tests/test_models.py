@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from compression.errors import UserError
-from compression.models import AnchorDetect, YOLOv5Model, head_output_convs, load_model
+from compression.models import AnchorDetect, YOLOv5Model, family, head_output_convs, load_model
 from conftest import YOLOV5N_PT, needs_shared, write_yolov5_checkpoint
 
 
@@ -63,6 +63,14 @@ def test_train_output_is_raw_per_level(tiny_yolov5):
 def test_head_output_convs_are_the_last_convs(tiny_yolov5, tiny_ultralytics):
     assert [c.out_channels for c in head_output_convs(tiny_yolov5)] == [21, 21, 21]
     assert len(head_output_convs(tiny_ultralytics)) == 6
+
+
+def test_the_family_is_told_by_the_head_and_fixes_what_is_never_pruned(tiny_yolov5, tiny_ultralytics):
+    assert (family(tiny_yolov5).name, family(tiny_ultralytics).name) == ("yolov5", "ultralytics")
+    assert family(tiny_yolov5).never_pruned(tiny_yolov5) == head_output_convs(tiny_yolov5)
+    fixed = family(tiny_ultralytics).never_pruned(tiny_ultralytics)
+    dfl = tiny_ultralytics.model[-1].dfl.conv  # frozen: its weights are the bin indices of the decode
+    assert fixed[:6] == head_output_convs(tiny_ultralytics) and fixed[6:] == [dfl]
 
 
 def test_yolov5_pickle_with_payload_is_refused_and_nothing_runs(tiny_yolov5, tmp_path):
