@@ -101,7 +101,7 @@ def test_out_of_range_values_are_refused(kwargs, field):
 
 @pytest.mark.slow  # both families: the structure test below rebuilds students from these channels
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
-def test_kept_channels_name_the_teachers_channels_across_rounds(fixture, request, images):
+def test_the_structure_names_the_teachers_channels_across_rounds(fixture, request, images):
     model = request.getfixturevalue(fixture)
     small, result = prune(model, PruneConfig(sparsity=0.3, rounds=3), 64, images)
     kept, bns, teacher = result.structure.kept, dict(small.named_modules()), dict(model.named_modules())
