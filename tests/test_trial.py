@@ -175,3 +175,15 @@ def test_a_trial_killed_at_any_stage_leaves_no_report_and_no_half_cache(tiny_pt,
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["stages"]["cache"]["student"] == ("miss" if stage in ("baseline", "distill") else "hit")
+
+
+def test_compare_gives_the_reports_ratios_against_the_baseline_timed_beside_it():
+    from compression.chain import compare
+    from compression.measure import Measurement
+
+    base = Measurement(0.5, 0.30, 10.0, 8.0, 1000, 4000)
+    result = Measurement(0.49, 0.29, 4.0, 2.0, 800, 3000)
+    figures = compare(result, base, (0.35, 0.45))
+    assert figures["speedup"] == 2.5 and figures["compression"] == 4.0 and figures["latency_ratio"] == 0.4
+    assert (figures["macs_ratio"], figures["params_ratio"]) == (0.75, 0.8)
+    assert figures["latency_ratio_interval"] == [0.35, 0.45] and figures["result"]["mAP50_95"] == 0.29
