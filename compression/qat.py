@@ -57,24 +57,39 @@ class ActQuant(nn.Module):
 class FoldedWeightQuant(nn.Module):
     """Parametrization of a convolution weight: folded with the frozen BN after it, fake-quantized as ONNX Runtime
     will quantize the exported (folded) weight (symmetric int8, or asymmetric uint8 for the fallback's convolutions),
-    and unfolded again, so that conv -> BN computes the INT8 convolution. Without a BN the weight is quantized as is."""
+    and unfolded again, so that conv -> BN computes the INT8 convolution. Without a BN the weight is quantized as is.
+    ``file_scale`` (with ``weight``, the convolution's weight now): the PTQ file's int8 weight scale; how much wider
+    it is than ``max|w| / 127`` (1 but where the fallback gave the convolution a pair-safe range) is kept while the
+    weight trains."""
 
-    def __init__(self, bn: nn.BatchNorm2d | None, per_channel: bool, signed: bool = True):
+    def __init__(self, bn: nn.BatchNorm2d | None, per_channel: bool, signed: bool = True,
+                 file_scale: np.ndarray | None = None, weight: torch.Tensor | None = None):
         super().__init__()
         object.__setattr__(self, "bn", bn)  # not a submodule: the BN stays where it is, once in the state dict
         self.per_channel, self.signed = per_channel, signed
+        widen = torch.ones(1)
+        if signed and file_scale is not None and weight is not None:
+            with torch.no_grad():
+                top = self._folded(weight)[0].float().reshape(len(file_scale), -1).abs().amax(dim=1)
+            widen = torch.where(top > 0, torch.as_tensor(file_scale, dtype=torch.float32) * 127 / top.clamp(min=1e-12),
+                                torch.ones_like(top)).clamp(min=1)
+        self.register_buffer("widen", widen, persistent=False)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def _folded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(w`` folded with the BN, the per-channel factor ``s`` of that fold)."""
         if self.bn is None:
             s = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         else:
             s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
             s = torch.where(s.abs() < 1e-12, torch.full_like(s, 1e-12), s)
         s = s.view(-1, 1, 1, 1)
-        folded = w * s
+        return w * s, s
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        folded, s = self._folded(w)
         flat = folded.detach().float().reshape(w.shape[0] if self.per_channel else 1, -1)
-        if self.signed:  # symmetric: scale max|w| / 127, zero point 0, levels -127..127
-            scale = (flat.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        if self.signed:  # symmetric: scale max|w| / 127 (widened: pair-safe), zero point 0, levels -127..127
+            scale = (flat.abs().amax(dim=1) / 127 * self.widen.to(flat.device)).clamp(min=1e-12)
             zp, lo, hi = torch.zeros_like(scale, dtype=torch.int32), -127, 127
         else:  # asymmetric uint8 over [min(w, 0), max(w, 0)]
             wmin, wmax = flat.amin(dim=1).clamp(max=0), flat.amax(dim=1).clamp(min=0)
@@ -100,9 +115,9 @@ class SplitSiLU(nn.Module):
         return x * self.sigmoid(x)
 
 
-def qdq_params(int8_model) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[bool, bool]]]:
+def qdq_params(int8_model) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[bool, bool, np.ndarray]]]:
     """What a QDQ file quantizes: activation tensor -> (scale, zero point) of its ``QuantizeLinear``, and the output
-    tensor of each convolution with 8-bit weights -> (per channel, signed)."""
+    tensor of each convolution with 8-bit weights -> (per channel, signed, weight scales)."""
     from onnx import numpy_helper
 
     consts = {t.name: numpy_helper.to_array(t) for t in int8_model.graph.initializer}
@@ -117,7 +132,8 @@ def qdq_params(int8_model) -> tuple[dict[str, tuple[float, int]], dict[str, tupl
         elif node.op_type == "Conv":
             w = producers.get(node.input[1])
             if w is not None and w.op_type == "DequantizeLinear" and w.input[0] in consts:
-                convs[node.output[0]] = (consts[w.input[1]].size > 1, consts[w.input[0]].dtype == np.int8)
+                scale = consts[w.input[1]]
+                convs[node.output[0]] = (scale.size > 1, consts[w.input[0]].dtype == np.int8, scale.reshape(-1))
     return acts, convs
 
 
@@ -223,7 +239,7 @@ def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor)
         m = modules[module]
         conv, bn = (conv_of_bn[id(m)], m) if id(m) in conv_of_bn else (m, None)
         if isinstance(conv, nn.Conv2d) and not parametrize.is_parametrized(conv, "weight"):
-            parametrize.register_parametrization(conv, "weight", FoldedWeightQuant(bn, *kind))
+            parametrize.register_parametrization(conv, "weight", FoldedWeightQuant(bn, *kind, weight=conv.weight))
             weights += 1
     model.qat_points = quantizers
     matched = {t for tensors in points.values() for t in tensors} | ({input_name} & set(acts))

@@ -6,9 +6,12 @@ every node with no convolution downstream of it, i.e. the head's decode (sigmoid
 concat of pixel boxes with [0, 1] scores, which one INT8 scale cannot hold); the weights of the FP32 convolutions are
 stored in int8 all the same (:func:`compression.onnx_passes.int8_weights_only_`). When the INT8 model loses more
 than ``max_int8_drop`` mAP50-95, the most sensitive convolutions (output error with one of them quantized at a time)
-get uint8 weights (``fallback="uint8_weights"``: ONNX Runtime's u8s8 kernels saturate on CPUs without VNNI, u8u8 ones
-do not) or stay FP32, and the model is quantized again, a bounded number of times. The inputs and output of each
-quantized Concat share one range (their union), so that the Concat can move 8-bit values as they are.
+are kept apart and the model is quantized again, a bounded number of times. ONNX Runtime's u8s8 convolutions on x86
+CPUs without VNNI (AVX2) add each two products of adjacent input channels at the same kernel tap in int16 and
+saturate; how the fallback keeps its convolutions apart is ``fallback``: ``pair_safe`` (int8 weights with a scale so
+wide that no such pair can saturate: still the fast u8s8 kernels), ``uint8_weights`` (u8u8 kernels, which do not
+saturate but run slower) or ``fp32``. The inputs and output of each quantized Concat share one range (their union),
+so that the Concat can move 8-bit values as they are.
 
 Graph rewrites for ONNX Runtime's CPU kernels, none of which changes what the model computes, are in
 :mod:`compression.onnx_passes`: SpaceToDepth stem and NCHW Resizes before quantization, 8-bit Concats, the input
@@ -30,7 +33,9 @@ from compression.runtime import temp_sibling
 
 GRANULARITY = ("per_tensor", "per_channel")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
-FALLBACKS = ("uint8_weights", "fp32")
+FALLBACKS = ("pair_safe", "uint8_weights", "fp32")
+# |a1 w1 + a2 w2| <= 255 * 128 < 2**15 for uint8 a: what an int16 pair sum of u8s8 products holds without saturating
+PAIR_SUM_MAX = 128
 # Ops whose QDQ output ONNX Runtime quantizes with its input's parameters (its registry's 8-bit pass-through ops).
 SHARED_PARAM_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "MaxPool", "AveragePool",
                     "Slice", "Split", "Pad", "TopK")
@@ -44,7 +49,8 @@ class QuantConfig:
     max_int8_drop: float = 0.01  # mAP50-95 the INT8 model may lose against its FP32 input (on the held-out
     # images) before the fallback
     fallback_rounds: int = 3  # at most this many re-quantizations with more sensitive convolutions kept apart
-    fallback: str = "uint8_weights"  # how: uint8_weights (asymmetric uint8 weights: no u8s8 saturation) | fp32
+    fallback: str = "pair_safe"  # how: pair_safe (int8 weights no u8s8 pair can saturate with) | uint8_weights
+    # (asymmetric uint8 weights: slower u8u8 kernels) | fp32
     share_concat_ranges: bool = True  # one range for a Concat's inputs and output (no requantization there)
     seed: int = 0
 
@@ -70,7 +76,7 @@ class QuantResult:
     calib_method: str
     fp32_nodes: list[str] = field(default_factory=list)  # nodes left in FP32 (decode, boundary, fp32 fallback)
     fallback_nodes: list[str] = field(default_factory=list)  # convolutions the sensitivity fallback kept apart
-    fallback: str = "uint8_weights"  # how they were kept: uint8 weights or FP32
+    fallback: str = "pair_safe"  # how they were kept: pair-safe int8 weights, uint8 weights or FP32
     rounds: list[dict] = field(default_factory=list)  # per quantization: fallback layers, mAP50_95
     fp32_mAP50_95: float | None = None
     learned_ranges: int = 0  # tensors whose calibrated range QAT's learned range replaced
@@ -164,21 +170,52 @@ def concat_ranges(model, cache_path, skip: list[str]) -> dict[str, tuple[float, 
     return ranges
 
 
-def _weight_overrides(src: Path, convs: list[str], per_channel: bool) -> dict:
-    """``TensorQuantOverrides`` giving the weights of ``convs`` asymmetric uint8 quantization.
+def pair_safe_range(w: np.ndarray, per_channel: bool) -> np.ndarray:
+    """The symmetric int8 range (one per output channel, or one) under which no u8s8 pair of ``w`` saturates.
 
-    ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2) add pairs of uint8 x int8 products in int16 and saturate
-    where a layer's inputs fill the uint8 range (YOLOv5n at 448: val mAP50-95 0.200 with every convolution u8s8,
-    0.238 with every convolution u8u8, FP32 0.245). u8u8 convolutions do not saturate, but run slower, so only the
-    convolutions the fallback finds most sensitive get them.
+    ``w`` is a convolution weight ``[M, C, kh, kw]``. ONNX Runtime's u8s8 kernels without VNNI add the products of
+    input channels 2i and 2i+1 at the same tap in int16 (a probe, 255 x 127 on two taps: channels 0 and 1 saturate;
+    1 and 2, 0 and 2, or two taps of one channel do not). With scale ``range / 127`` every weight is within -127..127 and every such pair sums to at most
+    ``|w1 + w2| / scale + 1 <= 128`` levels, so ``255 * 128`` bounds the pair sum: no input can saturate it. With an
+    odd channel count the pairing is not known, so that weight gets twice its plain range (7-bit weights).
+
+    Example:
+        >>> pair_safe_range(np.array([[[[1.0]], [[0.8]]]]), True)  # array([1.8]): the pair, not the largest weight
+    """
+    m, c = w.shape[:2]
+    flat = np.abs(w).reshape(m if per_channel else 1, -1).max(1)
+    if c % 2:
+        return 2 * flat
+    pairs = np.abs(w[:, 0::2] + w[:, 1::2]).reshape(m if per_channel else 1, -1).max(1)
+    return np.maximum(flat, pairs)
+
+
+def _weight_overrides(src: Path, convs: list[str], per_channel: bool, how: str) -> dict:
+    """``TensorQuantOverrides`` for the weights of ``convs``, the fallback's convolutions: ``pair_safe`` int8 ranges
+    (:func:`pair_safe_range`) or asymmetric ``uint8_weights``.
+
+    Why: ONNX Runtime's u8s8 kernels on x86 without VNNI (AVX2) saturate where a layer's inputs fill the uint8
+    range. YOLOv5n at 448, coco1k, every convolution u8s8: val mAP50-95 0.200 (FP32 0.245); the fallback's 3
+    convolutions (the stem and the next two, at the highest resolutions) pair-safe: 0.236, uint8 weights: 0.234, at
+    1.12x the latency of pair-safe (four paired runs: 1.10-1.13x). Pair-safe everywhere is worse (its wider scales
+    cost more than the saturation of the later layers, where large inputs are rare).
     """
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization import QuantType
 
-    graph = onnx.load(str(src), load_external_data=False).graph
-    wanted = set(convs)
-    spec = {"quant_type": QuantType.QUInt8, "symmetric": False, **({"axis": 0} if per_channel else {})}
-    return {n.input[1]: [dict(spec)] for n in graph.node if n.name in wanted}
+    graph = onnx.load(str(src)).graph
+    weights = {t.name: t for t in graph.initializer}
+    wanted = [n for n in graph.node if n.name in set(convs)]
+    if how == "uint8_weights":
+        spec = {"quant_type": QuantType.QUInt8, "symmetric": False, **({"axis": 0} if per_channel else {})}
+        return {n.input[1]: [dict(spec)] for n in wanted}
+    overrides = {}
+    for n in wanted:
+        r = pair_safe_range(numpy_helper.to_array(weights[n.input[1]]), per_channel)
+        overrides[n.input[1]] = [{**({"axis": 0} if per_channel else {}), "rmin": -float(x), "rmax": float(x)}
+                                 for x in r]
+    return overrides
 
 
 def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclude: list[str],
@@ -186,13 +223,13 @@ def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclu
     """``quantize_static`` to QDQ, then (with ``rewrite``) the bit-exact passes of
     :func:`compression.onnx_passes.finish_int8_`; returns how many Concats were folded. The rewrites change no value, so
     files only read for the calibration cache or for an output error skip them (``rewrite=False``). The ``fallback``
-    convolutions are kept FP32 or get uint8 weights, as ``cfg.fallback`` says."""
+    convolutions get pair-safe int8 weights, uint8 weights or stay FP32, as ``cfg.fallback`` says."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fallback = fallback or []
-    overrides = _weight_overrides(src, fallback, cfg.granularity == "per_channel") \
-        if fallback and cfg.fallback == "uint8_weights" else {}
+    overrides = _weight_overrides(src, fallback, cfg.granularity == "per_channel", cfg.fallback) \
+        if fallback and cfg.fallback != "fp32" else {}
     if cfg.fallback == "fp32":
         exclude = exclude + fallback
 

@@ -7,7 +7,7 @@ from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
 from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
 from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, space_to_depth_stem_
-from compression.quantize import QuantConfig, int8_weight_count, ptq, ptq_graph
+from compression.quantize import QuantConfig, int8_weight_count, pair_safe_range, ptq, ptq_graph
 from compression.runtime import onnx_session
 from conftest import lively
 
@@ -175,7 +175,10 @@ def test_ptq_writes_int8_weights_and_keeps_decode_fp32(fp32, calib, tmp_path, gr
 
 
 @pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
-def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["pair_safe", "uint8_weights"])
+def test_sensitivity_fallback_keeps_the_worst_convs_apart(fp32, calib, tmp_path, monkeypatch, how):
+    from onnx import numpy_helper
+
     import compression.quantize as quantize
 
     # a known sensitivity per convolution (a seeded shuffle), read when one convolution alone is quantized
@@ -187,26 +190,87 @@ def test_sensitivity_fallback_keeps_the_worst_convs_fp32(fp32, calib, tmp_path, 
     monkeypatch.setattr(quantize, "_quantize", lambda *a, only=None, **k: alone.append(only) or real(*a, only=only, **k))
     monkeypatch.setattr(quantize, "output_error", lambda ref, cand, images, imgsz: -ranked.index(alone[-1][0]))
     scores = iter([0.1, 0.2, 0.45])  # INT8 far below FP32 (0.5): two fallback rounds, the last one passes
-    cfg = QuantConfig(fallback_rounds=3, max_int8_drop=0.1)
+    cfg = QuantConfig(fallback_rounds=3, max_int8_drop=0.1, fallback=how)
     res = ptq(fp32[1], tmp_path / "int8.onnx", calib.numpy(), cfg, evaluate_fn=lambda p: next(scores), fp32_map=0.5,
               progress=False)
     assert [r["fallback"] for r in res.rounds] == [[], ranked[:3], ranked[:6]]  # the worst first, 3 then 6
-    assert res.fallback_nodes == ranked[:6]
-    # in the shipped file exactly those convolutions have uint8 weights (u8u8 kernels), the others int8
-    model = onnx.load(str(tmp_path / "int8.onnx"))
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    kinds = {n.name: inits.get(producers[n.input[1]].input[0]) for n in model.graph.node if n.name in convs}
-    assert {c for c, k in kinds.items() if k == onnx.TensorProto.UINT8} == set(ranked[:6])
-    assert {c for c, k in kinds.items() if k == onnx.TensorProto.INT8} == set(convs) - set(ranked[:6])
+    assert res.fallback_nodes == ranked[:6] and res.fallback == how
+    # in the shipped file exactly those convolutions have their fallback's weights, the others plain int8 ones
+    weights = conv_weights(onnx.load(str(tmp_path / "int8.onnx")))
+    inits = {t.name: t for t in graph.graph.initializer}
+    fp32_weights = {n.name: numpy_helper.to_array(inits[n.input[1]]) for n in graph.graph.node if n.name in convs}
+    if how == "uint8_weights":  # u8u8 kernels
+        assert {c for c in convs if weights[c][0].dtype == np.uint8} == set(ranked[:6])
+        assert {c for c in convs if weights[c][0].dtype == np.int8} == set(convs) - set(ranked[:6])
+        return
+    for c in convs:
+        q, scale = weights[c][0].astype(int), weights[c][1]
+        assert weights[c][0].dtype == np.int8
+        if c in ranked[:6]:  # pair-safe: no two adjacent input channels at one tap sum to more than 128 levels
+            assert np.abs(q[:, 0::2] + q[:, 1::2]).max() <= 128, c
+            np.testing.assert_allclose(scale, pair_safe_range(fp32_weights[c], True) / 127, rtol=1e-5, err_msg=c)
+        else:  # plain: each channel's largest weight is level 127
+            assert (np.abs(q).reshape(len(q), -1).max(1) == 127).all(), c
+    widened = [c for c in ranked[:6] if (np.abs(weights[c][0].astype(int)).reshape(len(weights[c][0]), -1).max(1)
+                                        < 127).any()]
+    assert widened, "random weights: some pair of the fallback's convolutions outweighs its largest weight"
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_pair_safe_weights_do_not_saturate_in_onnx_runtime(tmp_path, per_channel):
+    """ONNX Runtime's u8s8 convolution on x86 without VNNI adds the products of input channels 2i and 2i+1 in int16:
+    with inputs at the top of the uint8 range and two large weights of one sign there it saturates. Pair-safe
+    weights give the fused kernels exactly what the reference (unfused) QDQ graph computes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from compression.quantize import ImageReader, _weight_overrides
+
+    rng = np.random.default_rng(0)
+    w = (rng.uniform(0.5, 1.0, (8, 6, 3, 3)) * rng.choice([-1, 1], (8, 1, 3, 3))).astype(np.float32)  # pairs agree
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    src, dst = tmp_path / "conv.onnx", tmp_path / "int8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    x = np.ones((2, 6, 8, 8), np.float32)  # every input at its largest level, 255
+    x[1] = rng.uniform(0, 1, (6, 8, 8))
+    quantize_static(str(src), str(dst), ImageReader(x, "x"), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    extra_options={"TensorQuantOverrides": _weight_overrides(src, ["conv"], per_channel, "pair_safe")})
+    q = conv_weights(onnx.load(str(dst)))["conv"][0].astype(int)
+    assert np.abs(q[:, 0::2] + q[:, 1::2]).max() <= 128 and np.abs(q).max() <= 127
+    outs = {}
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        outs[level] = ort.InferenceSession(str(dst), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    fused, reference = outs.values()
+    step = np.abs(w).sum((1, 2, 3)).max() * 2 / 255  # about one output level
+    np.testing.assert_allclose(fused, reference, atol=1.01 * step)
+
+
+def test_pair_safe_range_bounds_every_pair():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(16, 8, 3, 3))
+    for per_channel in (True, False):
+        r = pair_safe_range(w, per_channel).reshape(-1, 1, 1, 1)
+        q = np.round(w / (r / 127))
+        assert np.abs(q).max() <= 127 and np.abs(q[:, 0::2] + q[:, 1::2]).max() <= 128
+    np.testing.assert_allclose(pair_safe_range(np.array([[[[1.0]], [[0.8]]]]), True), [1.8])
+    np.testing.assert_allclose(pair_safe_range(np.array([[[[1.0]], [[-0.8]]]]), True), [1.0])  # no same-sign pair
+    np.testing.assert_allclose(pair_safe_range(np.ones((2, 3, 1, 1)), True), [2.0, 2.0])  # odd: 7-bit
 
 
 @pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
 def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32, calib, tmp_path):
     model, path = fp32
-    # every convolution with uint8 weights (the fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime
-    # computes what the fake quantization does on any CPU
-    cfg = QuantConfig(fallback_rounds=0)
+    # every convolution with uint8 weights (a fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime
+    # computes what the fake quantization does on any CPU (pair-safe weights: test_qat_int8_weights_are_the_...)
+    cfg = QuantConfig(fallback_rounds=0, fallback="uint8_weights")
     graph = ptq_graph(path)[0]
     convs = conv_nodes(graph)
     ptq(path, tmp_path / "ptq.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5, progress=False, fallback=convs)
@@ -286,13 +350,15 @@ def conv_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
-    """Symmetric int8 weights (the default): the torch fake-quantized, BN-folded weight is the file's dequantized one."""
+@pytest.mark.parametrize("how", [None, "pair_safe", "uint8_weights"])
+def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path, how):
+    """The torch fake-quantized, BN-folded weight is the file's dequantized one: plain symmetric int8 weights (the
+    default), and those the fallback gives a convolution (pair-safe int8, asymmetric uint8)."""
     from onnx import numpy_helper
 
     model, path = fp32
-    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.5, fp32_map=0.5,
-        progress=False)
+    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), QuantConfig(fallback_rounds=0, fallback=how or "pair_safe"),
+        lambda p: 0.5, fp32_map=0.5, progress=False, fallback=["/model.1/conv/Conv"] if how else None)
     int8 = onnx.load(str(tmp_path / "ptq.onnx"))
     qmodel, summary = prepare_qat(model, int8, ptq_graph(path)[0], calib[:1])
     assert summary["weights"] == summary["int8_convs"] > 0
@@ -300,7 +366,11 @@ def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
     producers = {o: n for n in int8.graph.node for o in n.output}
     node = next(n for n in int8.graph.node if n.name == "/model.1/conv/Conv")  # both families: a plain 3x3 Conv
     dq = producers[node.input[1]]
-    w_file = consts[dq.input[0]].astype(np.float32) * consts[dq.input[1]].reshape(-1, 1, 1, 1)
+    q, zp = consts[dq.input[0]], consts[dq.input[2]] if len(dq.input) > 2 else 0
+    assert q.dtype == (np.uint8 if how == "uint8_weights" else np.int8)
+    if how == "pair_safe":
+        assert (np.abs(q.astype(int)).reshape(len(q), -1).max(1) < 127).any()  # some scale is wider than plain
+    w_file = (q.astype(np.float32) - np.reshape(zp, (-1, 1, 1, 1))) * consts[dq.input[1]].reshape(-1, 1, 1, 1)
     block = qmodel.get_submodule("model.1")
     s = (block.bn.weight / torch.sqrt(block.bn.running_var + block.bn.eps)).view(-1, 1, 1, 1)
     np.testing.assert_allclose((block.conv.weight * s).detach().numpy(), w_file, rtol=1e-5, atol=1e-6)
