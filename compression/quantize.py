@@ -34,8 +34,6 @@ from compression.runtime import temp_sibling
 GRANULARITY = ("per_tensor", "per_channel")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 FALLBACKS = ("pair_safe", "uint8_weights", "fp32")
-# |a1 w1 + a2 w2| <= 255 * 128 < 2**15 for uint8 a: what an int16 pair sum of u8s8 products holds without saturating
-PAIR_SUM_MAX = 128
 # Ops whose QDQ output ONNX Runtime quantizes with its input's parameters (its registry's 8-bit pass-through ops).
 SHARED_PARAM_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Resize", "MaxPool", "AveragePool",
                     "Slice", "Split", "Pad", "TopK")
@@ -175,9 +173,10 @@ def pair_safe_range(w: np.ndarray, per_channel: bool) -> np.ndarray:
 
     ``w`` is a convolution weight ``[M, C, kh, kw]``. ONNX Runtime's u8s8 kernels without VNNI add the products of
     input channels 2i and 2i+1 at the same tap in int16 (a probe, 255 x 127 on two taps: channels 0 and 1 saturate;
-    1 and 2, 0 and 2, or two taps of one channel do not). With scale ``range / 127`` every weight is within -127..127 and every such pair sums to at most
-    ``|w1 + w2| / scale + 1 <= 128`` levels, so ``255 * 128`` bounds the pair sum: no input can saturate it. With an
-    odd channel count the pairing is not known, so that weight gets twice its plain range (7-bit weights).
+    1 and 2, 0 and 2, or two taps of one channel do not). With scale ``range / 127`` every weight is within
+    -127..127 and every such pair sums to at most ``|w1 + w2| / scale + 1 <= 128`` levels, so ``255 * 128 < 2**15``
+    bounds the pair sum: no input can saturate it. With an odd channel count the pairing is not known, so that weight
+    gets twice its plain range (7-bit weights).
 
     Example:
         >>> pair_safe_range(np.array([[[[1.0]], [[0.8]]]]), True)  # array([1.8]): the pair, not the largest weight
@@ -206,7 +205,8 @@ def _weight_overrides(src: Path, convs: list[str], per_channel: bool, how: str) 
 
     graph = onnx.load(str(src)).graph
     weights = {t.name: t for t in graph.initializer}
-    wanted = [n for n in graph.node if n.name in set(convs)]
+    names = set(convs)
+    wanted = [n for n in graph.node if n.name in names]
     if how == "uint8_weights":
         spec = {"quant_type": QuantType.QUInt8, "symmetric": False, **({"axis": 0} if per_channel else {})}
         return {n.input[1]: [dict(spec)] for n in wanted}
