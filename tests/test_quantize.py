@@ -405,7 +405,7 @@ def test_yolov5n_ptq_per_channel_keeps_its_accuracy(tmp_path):
     res = ptq(fp32, int8, train_images(data, 64, 640).numpy(), QuantConfig(),
               lambda p: evaluate(p, data, 640, progress=False).mAP50_95, fp32_map=0.3301, progress=False)
     # FP32 0.330; ONNX Runtime's defaults give 0.000; every convolution u8s8 0.282 on an AVX2 CPU (saturation), so
-    # the fallback gives the most sensitive ones uint8 weights
+    # the fallback gives the most sensitive ones pair-safe weights
     assert max(r["mAP50_95"] for r in res.rounds) >= 0.315
     assert int8.stat().st_size <= 0.35 * fp32.stat().st_size and int8_weight_count(int8) >= 50
 
