@@ -350,10 +350,21 @@ def conv_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("how", [None, "pair_safe", "uint8_weights"])
-def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path, how):
-    """The torch fake-quantized, BN-folded weight is the file's dequantized one: plain symmetric int8 weights (the
-    default), and those the fallback gives a convolution (pair-safe int8, asymmetric uint8)."""
+def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
+    """The torch fake-quantized, BN-folded weight is the file's dequantized one (plain symmetric int8 weights)."""
+    check_qat_weights_are_the_files(fp32, calib, tmp_path, None)
+
+
+@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)  # the same code for both families
+@pytest.mark.parametrize("how", ["pair_safe", "uint8_weights"])
+def test_qat_int8_weights_are_the_fallbacks_weights(fp32, calib, tmp_path, how):
+    """... and those the fallback gives a convolution (pair-safe int8, asymmetric uint8)."""
+    check_qat_weights_are_the_files(fp32, calib, tmp_path, how)
+
+
+def check_qat_weights_are_the_files(fp32, calib, tmp_path, how):
+    """QAT's fake-quantized, BN-folded weight of /model.1/conv equals the PTQ file's dequantized weight; ``how``:
+    the fallback's kind for that convolution, None for plain int8."""
     from onnx import numpy_helper
 
     model, path = fp32
