@@ -358,7 +358,7 @@ def test_qat_int8_weights_are_the_ptq_files_weights(fp32, calib, tmp_path):
 @pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)  # the same code for both families
 @pytest.mark.parametrize("how", ["pair_safe", "uint8_weights"])
 def test_qat_int8_weights_are_the_fallbacks_weights(fp32, calib, tmp_path, how):
-    """... and those the fallback gives a convolution (pair-safe int8, asymmetric uint8)."""
+    """The same for the weights the fallback gives a convolution (pair-safe int8, asymmetric uint8)."""
     check_qat_weights_are_the_files(fp32, calib, tmp_path, how)
 
 
