@@ -251,7 +251,7 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
     with tempfile.TemporaryDirectory(prefix="yc-qat-") as tmp:
         ptq_path, qat_fp32, qat_path = (Path(tmp) / n for n in ("ptq.onnx", "qat_fp32.onnx", "qat.onnx"))
         shipped = ptq(fp32_path, ptq_path, images.numpy(), qcfg, eval_fn, progress=progress)
-        ptq_map = max(r["mAP50_95"] for r in shipped.rounds)  # the round ptq shipped
+        ptq_map = shipped.rounds[-1]["mAP50_95"]  # the round ptq shipped
         qmodel, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
         steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
         qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz,

@@ -25,7 +25,8 @@ STAGE_KEYS: dict[type, dict[str, str]] = {
                     "optimizer": "optimizer", "freeze_bn": "freeze_bn", "batch": "batch", "mosaic": "mosaic",
                     "device": "device", "seed": "seed"},
     QuantConfig: {"quant_granularity": "granularity", "calib_method": "calib_method", "calib_images": "calib_images",
-                  "max_int8_drop": "max_int8_drop", "int8_fallback": "fallback", "seed": "seed"},
+                  "max_int8_drop": "max_int8_drop", "int8_fallback": "fallback", "silu_floor": "silu_floor",
+                  "seed": "seed"},
 }
 
 
