@@ -364,17 +364,15 @@ def _greedy_fallback(src: Path, start: Path, cache: Path, cfg: QuantConfig, excl
     """
     from tqdm import tqdm
 
-    probe = images[:8]
-    ref = _outputs(src, probe)
+    probe, imgsz = images[:16], int(images.shape[-1])
+    ref = _outputs(src, probe)  # FP32 outputs: the first 8 for the sensitivity, all 16 for the rounds
     sensitivity = {}
     for name in tqdm(convs, desc="sensitivity", disable=not progress, leave=False):
         single = src.with_name("single.onnx")
         _quantize(src, single, cache, None, cfg, exclude, only=[name], rewrite=False)
-        sensitivity[name] = output_error(ref, single, probe, int(images.shape[-1]))
+        sensitivity[name] = output_error(ref[:8], single, probe[:8], imgsz)
     candidates = sorted(sensitivity, key=sensitivity.get, reverse=True)[:FALLBACK_CANDIDATES]
-    probe = images[:16]
-    ref = _outputs(src, probe)
-    error = output_error(ref, start, probe, int(images.shape[-1]))
+    error = output_error(ref, start, probe, imgsz)
     rounds[-1]["output_error"] = error
     taken, chosen = None, []
     for round_ in tqdm(range(1, cfg.fallback_rounds + 1), desc="fallback", disable=not progress, leave=False):
@@ -382,7 +380,7 @@ def _greedy_fallback(src: Path, start: Path, cache: Path, cfg: QuantConfig, excl
         for i, name in enumerate(c for c in candidates if c not in chosen):
             cand = src.with_name(f"int8_{round_}_{i}.onnx")
             folded = _quantize(src, cand, cache, None, cfg, exclude, fallback=chosen + [name])
-            tried[name] = (output_error(ref, cand, probe, int(images.shape[-1])), cand, folded)
+            tried[name] = (output_error(ref, cand, probe, imgsz), cand, folded)
         best = min(tried, key=lambda n: tried[n][0], default=None)
         for name, (_, cand, _) in tried.items():
             if name != best:
