@@ -75,6 +75,13 @@ def test_blocks_are_removed_and_onnx_still_equals_torch(tiny_yolov5, images, tmp
     export_onnx(small, 64, tmp_path / "blocks.onnx")  # raises if ONNX Runtime differs from torch
 
 
+def test_blocks_short_of_the_target_say_so(tiny_yolov5, images):
+    with pytest.warns(UserWarning, match=r"asks for 0.50x MACs; prune_method='blocks' reached 0\.\d+x"):
+        small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.5, method="blocks", rounds=1), 64, images)
+    assert result.macs_after / result.macs_before > 0.52  # every bottleneck is gone, and that is all blocks can do
+    assert set(result.structure.removed_blocks) == set(residual_blocks(tiny_yolov5))
+
+
 @pytest.mark.parametrize("fixture", FAMILIES_ULTRALYTICS_SLOW)
 def test_pruned_onnx_matches_torch_and_is_smaller(fixture, request, images, tmp_path):
     model = request.getfixturevalue(fixture)
