@@ -349,7 +349,8 @@ FALLBACK_GAIN = 0.97  # a fallback round is taken only if it lowers the output e
 
 
 def _greedy_fallback(src: Path, start: Path, cache: Path, cfg: QuantConfig, exclude: list[str], convs: list[str],
-                     images: np.ndarray, evaluate_fn: Callable[[Path], float], rounds: list[dict], progress: bool) -> tuple[Path, list[str], int] | None:
+                     images: np.ndarray, evaluate_fn: Callable[[Path], float], rounds: list[dict],
+                     progress: bool) -> tuple[Path, list[str], int] | None:
     """Keep convolutions apart one at a time, each the one whose fallback lowers the whole INT8 model's output error
     most; returns ``(file, fallback, folded concats)`` of the last round taken (None if none was), appending each
     round to ``rounds``. Candidates are the :data:`FALLBACK_CANDIDATES` convolutions with the largest output error
