@@ -32,6 +32,7 @@ from compression.distill import distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate
 from compression.export import export_onnx
 from compression.measure import Measurement, baseline
+from compression.lowrank import STATS_IMAGES
 from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
@@ -95,10 +96,16 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
     """
     t0 = time.perf_counter()
     pcfg = cfg.prune_config()
-    sensitivity_size = min(imgsz, 256)  # the ranking of the cuts, not their mAP: small images suffice
-    images = train_images(train, pcfg.sensitivity_images, sensitivity_size, cfg.seed) if cfg.sparsity else None
+    lowrank = pcfg.method == "lowrank"
+    # channels/blocks: the ranking of the cuts, not their mAP: small images suffice; lowrank: the activation
+    # statistics of the deployment size
+    sensitivity_size = imgsz if lowrank else min(imgsz, 256)
+    count = STATS_IMAGES if lowrank else pcfg.sensitivity_images
+    images = train_images(train, count, sensitivity_size, cfg.seed) if cfg.sparsity else None
+    # Least-squares reconstruction refits whole layers to the teacher: it repairs removed channels, but lowers a
+    # factorised student (held-out mAP50-95 0.155 -> 0.126 at sparsity 0.2), whose widths all match the teacher's.
     recon = train_images(train, cfg.recon_images, min(imgsz, 320), cfg.seed + 1) \
-        if cfg.sparsity and cfg.recon_images else None
+        if cfg.sparsity and cfg.recon_images and not lowrank else None
     round_cfg = dataclasses.replace(cfg.distill_config(), steps=cfg.round_steps, evals=0)
     rounds: list[dict] = []
 

@@ -36,7 +36,8 @@ class _TrialKeys:
 
     deploy_imgsz: int = 0  # input side the shipped model runs at (px, a multiple of the stride), 0 = the base --imgsz
     round_steps: int = 25  # distillation steps after each pruning round
-    recon_images: int = 32  # train images for the least-squares reconstruction after each round, 0 = none
+    recon_images: int = 32  # train images for the least-squares reconstruction after each round (channels and
+    # blocks; not lowrank, which it lowers), 0 = none
     holdout_images: int = 64  # train images never trained on; best checkpoint and INT8 fallback are chosen there
     quantize: bool = True  # INT8 (PTQ, or QAT when qat_epochs > 0); false stops after distillation
     qat_epochs: int = 0  # 0 = post-training quantization

@@ -231,7 +231,9 @@ def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor)
         quantizers["input"] = q
         model.register_forward_pre_hook(q.input_hook)
     weights = 0
-    conv_of_bn = {id(m.bn): m.conv for m in model.modules() if isinstance(m, Conv) and hasattr(m, "bn")}
+    # the convolution a BN folds into: a factorised block's (compression.lowrank) last one
+    conv_of_bn = {id(m.bn): m.conv[-1] if isinstance(m.conv, nn.Sequential) else m.conv
+                  for m in model.modules() if isinstance(m, Conv) and hasattr(m, "bn")}
     for module, tensors in points.items():
         kind = next((convs[t] for t in tensors if t in convs), None)
         if kind is None:

@@ -4,7 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import lively
 from compression.export import export_onnx
+from compression.lowrank import activation_stats, allocate_ranks, factorize_, is_factorized, rank
 from compression.models import head_output_convs
 from compression.prune import (PruneConfig, Structure, _Groups, _output_error, _zero_channels, allocate,
                                apply_structure, detection_error, prune, raw_outputs, reconstruct_, residual_blocks)
@@ -26,7 +28,7 @@ def conv_widths(model):
 @pytest.mark.slow  # the default importance (l1) prunes in every other test here
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
 def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, images, importance):
-    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, importance=importance, rounds=1), 64, images)
+    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, method="channels", importance=importance, rounds=1), 64, images)
     assert result.params_after < 0.85 * result.params_before and result.macs_after < result.macs_before
     assert small(torch.rand(1, 3, 64, 64)).shape == tiny_yolov5(torch.rand(1, 3, 64, 64)).shape
 
@@ -110,7 +112,7 @@ def test_out_of_range_values_are_refused(kwargs, field):
 @pytest.mark.parametrize("fixture", ["tiny_yolov5", "tiny_ultralytics"])
 def test_the_structure_names_the_teachers_channels_across_rounds(fixture, request, images):
     model = request.getfixturevalue(fixture)
-    small, result = prune(model, PruneConfig(sparsity=0.3, rounds=3), 64, images)
+    small, result = prune(model, PruneConfig(sparsity=0.3, method="channels", rounds=3), 64, images)
     kept, bns, teacher = result.structure.kept, dict(small.named_modules()), dict(model.named_modules())
     assert kept and len(result.rounds) == 3
     for name, channels in kept.items():
@@ -143,7 +145,7 @@ def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yo
     torch.manual_seed(0)
     teacher = tiny_yolov5.eval()
     fit, held_out = torch.rand(16, 3, 64, 64), torch.rand(4, 3, 64, 64)
-    small, result = prune(teacher, PruneConfig(sparsity=0.25, rounds=1), 64, images)
+    small, result = prune(teacher, PruneConfig(sparsity=0.25, method="channels", rounds=1), 64, images)
     kept = result.structure.kept
 
     def feature_error(student):
@@ -199,3 +201,66 @@ def test_reconstruction_offset_replaces_what_a_removed_channel_added_on_average(
     with torch.no_grad():
         err = (student(x) - teacher(x)).abs().max().item()
     assert (err < 1e-3) if bias else (err > 0.05), err
+
+
+def test_lowrank_reaches_the_macs_target_with_ranks_on_the_grid(tiny_yolov5, images):
+    teacher = lively(tiny_yolov5, images)
+    small, result = prune(teacher, PruneConfig(sparsity=0.3, rounds=2), 64, images)  # lowrank is the default
+    assert abs(result.macs_after / result.macs_before - 0.7) <= 0.02, result.rounds
+    ranks = result.structure.ranks
+    assert ranks and not result.structure.kept and not result.structure.removed_blocks
+    blocks = dict(small.named_modules())
+    for name, r in ranks.items():
+        width = blocks[name].bn.num_features
+        assert is_factorized(blocks[name]) and rank(blocks[name]) == r and 8 <= r < width
+        assert r % 8 == 0 or width % 8  # multiples of 8 where the width is one
+    widths = {n: m.num_features for n, m in small.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert widths == {n: m.num_features for n, m in teacher.named_modules() if isinstance(m, nn.BatchNorm2d)}
+
+
+def test_a_full_rank_factorisation_computes_the_same_block(tiny_yolov5, images):
+    """A = U^T D W and B = D^-1 U with every direction kept is the block itself: the algebra, factorised twice."""
+    model = copy.deepcopy(lively(tiny_yolov5, images))
+    name = "model.3"  # a 3x3 stride-2 convolution
+    block = model.get_submodule(name)
+    x = model.model[:3](images)
+    before = block(x)
+    for _ in range(2):  # the second time through a block that is factorised already
+        factorize_(block, block.bn.num_features, activation_stats(model, images, [name])[name])
+    assert is_factorized(block)
+    assert torch.allclose(block(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_a_low_rank_block_projects_onto_the_leading_directions(tiny_yolov5, images):
+    """Its BN output is the full block's, projected onto the r directions of most energy: mu + U_r U_r^T (z - mu)."""
+    model = copy.deepcopy(lively(tiny_yolov5, images))
+    block = model.get_submodule("model.3")
+    x = model.model[:3](images)
+    z = block.bn(block.conv(x))
+    stats = activation_stats(model, images, ["model.3"])["model.3"]
+    assert torch.all(stats["ev"][:-1] >= stats["ev"][1:])  # leading first
+    r = block.bn.num_features // 2
+    factorize_(block, r, stats)
+    u, mu = stats["U"][:, :r].float(), stats["mean"].float().view(1, -1, 1, 1)
+    projected = mu + torch.einsum("cr,dr,ndhw->nchw", u, u, z - mu)
+    assert rank(block) == r and torch.allclose(block.bn(block.conv(x)), projected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_rank_allocation_takes_the_least_energy_for_the_macs():
+    options = {"a": [(4, 100, 0.5)], "b": [(2, 150, 0.3), (4, 100, 0.1)]}
+    assert allocate_ranks(options, 100) == {"b": 4}
+    assert allocate_ranks(options, 150) == {"b": 2}  # 0.3 for 150, not a and b for 0.6
+    assert allocate_ranks(options, 250) == {"a": 4, "b": 2}
+    assert allocate_ranks(options, 400) == {"a": 4, "b": 2}  # out of reach: every block at its lowest rank
+    assert allocate_ranks(options, 0) == {}
+
+
+@pytest.mark.parametrize("fixture", FAMILIES_ULTRALYTICS_SLOW)
+def test_a_factorised_student_rebuilds_and_its_onnx_equals_torch(fixture, request, images, tmp_path):
+    model = lively(request.getfixturevalue(fixture), images)
+    small, result = prune(model, PruneConfig(sparsity=0.25), 64, images)
+    again = apply_structure(model, Structure(**vars(result.structure)))
+    again.load_state_dict(small.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(again.eval()(x), small.eval()(x))
+    export_onnx(small, 64, tmp_path / "lowrank.onnx")  # raises if ONNX Runtime differs from torch
