@@ -203,34 +203,17 @@ def set_ranks_(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
-def factorize_to_(model: nn.Module, need: int, images: torch.Tensor, areas: dict[str, int], step: int = 8,
+def factorize_to_(model: nn.Module, need: int, images: torch.Tensor, areas: dict[nn.Module, int], step: int = 8,
                   floor: int = 8) -> dict[str, int]:
     """Factorise ``model``'s Conv blocks in place to save at least ``need`` MACs; returns {block: new rank}.
 
-    ``areas``: output positions of each block at the size MACs are counted at; ``images``: calibration images.
+    ``areas``: output positions of every Conv2d at the size MACs are counted at; ``images``: calibration images.
     """
     blocks = conv_blocks(model)
     stats = activation_stats(model, images, list(blocks))
-    options = {n: rank_options(b, stats[n], areas[n], step, floor) for n, b in blocks.items() if n in stats}
+    options = {n: rank_options(b, stats[n], areas[_first(b)], step, floor) for n, b in blocks.items() if n in stats}
     ranks = allocate_ranks(options, need)
     for name, r in ranks.items():
         factorize_(blocks[name], r, stats[name])
     return ranks
-
-
-def output_areas(model: nn.Module, imgsz: int) -> dict[str, int]:
-    """Output height x width of every Conv block for one ``imgsz`` image."""
-    area, handles = {}, []
-    for name, block in conv_blocks(model).items():
-        handles.append(block.register_forward_hook(
-            lambda _m, _i, out, name=name: area.__setitem__(name, out.shape[-2] * out.shape[-1])))
-    was = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, imgsz, imgsz, device=next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    return area
 

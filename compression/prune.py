@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.benchmark import count_params_and_macs
-from compression.lowrank import factorize_to_, output_areas, set_ranks_
+from compression.lowrank import factorize_to_, set_ranks_
 from compression.models import family, raw_view
 
 IMPORTANCE = ("l1", "l2", "bn_scale")
@@ -406,7 +406,7 @@ def _factorize_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConf
         macs = count_params_and_macs(model, imgsz)[1]
         if macs <= target:
             break
-        step = factorize_to_(model, macs - target, images, output_areas(model, imgsz), cfg.round_to,
+        step = factorize_to_(model, macs - target, images, _output_areas(model, imgsz), cfg.round_to,
                              cfg.min_channels)
         if not step:
             break
