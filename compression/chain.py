@@ -31,8 +31,8 @@ from compression.data import holdout_split, load_data_config, split_images, trai
 from compression.distill import distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate
 from compression.export import export_onnx
-from compression.measure import Measurement, baseline
 from compression.lowrank import STATS_IMAGES
+from compression.measure import Measurement, baseline
 from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_

@@ -33,7 +33,7 @@ class PruneConfig:
     sparsity: float = 0.0  # fraction of the model's MACs to remove (at the evaluation imgsz), 0 <= sparsity < 0.9
     method: str = "lowrank"  # "lowrank" (each Conv block's leading directions, compression.lowrank) | "channels"
     # (filters) | "blocks" (whole residual bottlenecks) | "both" (channels and blocks). At sparsity 0.2 on coco1k
-    # lowrank left held-out mAP50-95 0.155 before training, channels 0.047 after reconstruction (README)
+    # lowrank left held-out mAP50-95 0.14 before training, channels 0.047 after reconstruction (README)
     importance: str = "l2"  # which channels of a group go first: "l1" | "l2" (filter norms) | "bn_scale" (|gamma|)
     rounds: int = 1  # progressive steps to the target, each followed by the caller's recovery
     # (sparsity 0.1 on coco1k: 1 round beat 4, held-out 0.132 vs 0.100 before the main recovery; README)
@@ -365,7 +365,7 @@ def _prune_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConfig, 
     cut: dict[str, int] = {}
     blocks_cut: list[str] = []
     if cfg.method == "lowrank":
-        return _factorize_to_(model, target, base_macs, cfg, imgsz, images, structure)
+        return _factorize_to_(model, target, cfg, imgsz, images, structure)
     for _ in range(3):  # the greedy plan's MACs are exact per group; overlaps may leave a little to remove again
         macs = count_params_and_macs(model, imgsz)[1]
         if macs <= target + 0.002 * base_macs:
@@ -398,7 +398,7 @@ def _prune_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConfig, 
     return {"groups": cut, "blocks": blocks_cut}
 
 
-def _factorize_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConfig, imgsz: int, images: torch.Tensor,
+def _factorize_to_(model: nn.Module, target: int, cfg: PruneConfig, imgsz: int, images: torch.Tensor,
                    structure: Structure) -> dict:
     """Factorise ``model``'s Conv blocks in place until its MACs are at most ``target`` (:mod:`compression.lowrank`)."""
     ranks: dict[str, int] = {}
@@ -423,8 +423,9 @@ def prune(model: nn.Module, cfg: PruneConfig, imgsz: int = 640, images: torch.Te
     Each step removes a share of the MACs: with ``method="lowrank"`` by factorising Conv blocks where the dropped
     directions hold the least of the layer's energy on ``images`` (:mod:`compression.lowrank`); otherwise where the
     measured output error per MAC saved is least (:func:`sensitivity`, :func:`allocate`): channels of Torch-Pruning's
-    coupled groups (``"channels"``), whole residual bottlenecks (``"blocks"``), or both; then ``recover(student, structure, step)`` may train it
-    before the next step measures again. The head's output convolutions keep their shapes, so the decode is unchanged.
+    coupled groups (``"channels"``), whole residual bottlenecks (``"blocks"``), or both; then
+    ``recover(student, structure, step)`` may train it before the next step measures again. The head's output
+    convolutions keep their shapes, so the decode is unchanged.
 
     Args:
         model: a detector from :func:`compression.models.load_model` (left unchanged).

@@ -28,7 +28,8 @@ def conv_widths(model):
 @pytest.mark.slow  # the default importance (l1) prunes in every other test here
 @pytest.mark.parametrize("importance", ["l1", "l2", "bn_scale"])
 def test_every_importance_makes_the_model_smaller_and_it_runs(tiny_yolov5, images, importance):
-    small, result = prune(tiny_yolov5, PruneConfig(sparsity=0.3, method="channels", importance=importance, rounds=1), 64, images)
+    cfg = PruneConfig(sparsity=0.3, method="channels", importance=importance, rounds=1)
+    small, result = prune(tiny_yolov5, cfg, 64, images)
     assert result.params_after < 0.85 * result.params_before and result.macs_after < result.macs_before
     assert small(torch.rand(1, 3, 64, 64)).shape == tiny_yolov5(torch.rand(1, 3, 64, 64)).shape
 
