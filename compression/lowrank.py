@@ -70,15 +70,12 @@ def block_macs(block: nn.Module, area: int, r: int | None = None) -> int:
 
 def linear_map(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, b)`` in float64: the block's convolution(s) as one convolution, weight ``[c_out, c_in, kh, kw]``."""
+    last = block.conv[-1] if is_factorized(block) else block.conv
+    w = last.weight.detach().double()
     if is_factorized(block):
-        a, b = block.conv
-        w = torch.einsum("or,rikl->oikl", b.weight.detach().double()[:, :, 0, 0], a.weight.detach().double())
-        bias = b.bias.detach().double() if b.bias is not None else torch.zeros(b.out_channels, dtype=torch.float64)
-        return w, bias
-    conv = block.conv
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels,
-                                                                                dtype=torch.float64)
-    return conv.weight.detach().double(), bias
+        w = torch.einsum("or,rikl->oikl", w[:, :, 0, 0], block.conv[0].weight.detach().double())
+    bias = last.bias.detach().double() if last.bias is not None else torch.zeros(len(w), dtype=torch.float64)
+    return w, bias
 
 
 def activation_stats(model: nn.Module, images: torch.Tensor, names: list[str], per_image: int = 2000,
