@@ -5,8 +5,9 @@
 (its FP32 input) and, last and atomically, ``OUT/report.json``. The pruned+distilled FP32 student is cached by the
 settings that shaped it, so trials that differ only in quantization settings skip those stages.
 
-Every choice made by a metric (the best recovery checkpoint, the best QAT epoch, the INT8 fallback round) reads
-``holdout_images`` train images that no training step sees; the val split is evaluated only for the report.
+Every choice made by a metric (the best recovery checkpoint, the best QAT epoch, the INT8 fallback round, and the
+tuner's score through the report's ``selection`` figures) reads ``holdout_images`` train images that no training step
+sees; the val split is evaluated only for the figures the report gives.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ import torch
 
 from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
 from compression.config import TrialConfig
-from compression.data import holdout_split, load_data_config, split_images, train_images
+from compression.data import check_labels, holdout_split, load_data_config, split_images, train_images
 from compression.distill import distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate
 from compression.export import export_onnx
 from compression.lowrank import STATS_IMAGES
-from compression.measure import Measurement, baseline
+from compression.measure import Measurement, baseline, baseline_map
 from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
@@ -150,7 +151,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     (out / "report.json").unlink(missing_ok=True)  # a report only ever describes a finished run
     trains = cfg.sparsity or (cfg.quantize and cfg.qat_epochs)
     data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize else ("val",))
-    train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if "train" in data else (data, None)
+    train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if data.get("train") else (data, None)
     teacher = load_model(weights)
     stride = int(max(teacher.stride))
     base_imgsz = check_imgsz(imgsz, stride)
@@ -185,16 +186,33 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
                                        progress=progress)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
+    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
     report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
               "data": data["yaml_file"], "imgsz": base_imgsz, "deploy_imgsz": imgsz, "bench_threads": speed.threads,
-              **compare(result, base, ratio_interval(speed, base_speed)), "evals": evals, "stages": stages}
+              **compare(result, base, ratio_interval(speed, base_speed)), "selection": selection, "evals": evals,
+              "stages": stages}
     if score_fn:
         report["final"] = score_fn(report)
     stage("report")
     _atomic_json(out / "report.json", report)  # last: a report means the run finished
     return report
+
+
+def selection_figures(model_path: Path, base_onnx: Path, train: dict, holdout: dict | None, imgsz: int,
+                      base_imgsz: int, progress: bool) -> dict:
+    """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file and of the FP32 baseline (each
+    at its own size) on the held-out train images; without any, on the train split; never on val, whose figure the
+    report gives. A dataset with no train images leaves only val: ``{"on": "val"}`` says so."""
+    if holdout is None and not (train.get("train") and split_images(train, "train")):
+        return {"on": "val"}
+    on = holdout or {**train, "val": train["train"]}
+    images = split_images(on, "val")
+    check_labels(images, on["nc"])  # a trial that neither trains nor calibrates has not checked them yet
+    return {"on": "holdout" if holdout else "train", "images": len(images),
+            "mAP50_95": evaluate(model_path, on, imgsz, progress=progress).mAP50_95,
+            "baseline_mAP50_95": baseline_map(base_onnx, on, base_imgsz, progress=progress)}
 
 
 def fp32_student(teacher, weights: str, data: dict, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,

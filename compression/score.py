@@ -4,6 +4,9 @@
     speedup = latency_fp32 / latency,  compression = size_fp32 / size  (FP32 timed in the same run)
     excess = max(0, (mAP_fp32 - mAP) - max_map_drop) * 100           (mAP50-95 points beyond the allowed drop)
 
+mAP and mAP_fp32 are measured on held-out train images (the report's ``selection``), never on the val split whose
+figures the report gives: the tuner and ``best`` choose by this score.
+
 With the defaults the untouched FP32 model scores 1.0; a model 1.3x faster at the same accuracy scores 1.3, and
 each mAP50-95 point lost beyond ``max_map_drop`` halves the score, so the tuner steers away from broken trials.
 """
@@ -46,17 +49,26 @@ def build_score_config(overrides: dict) -> ScoreConfig:
 
 
 def score(report: dict, cfg: ScoreConfig) -> dict:
-    """The final NNI metric of a chain report: ``{"default": score, "mAP50_95", "mAP50", "latency_ms", ...}``."""
+    """The final NNI metric of a chain report: ``{"default": score, "mAP50_95", "mAP50", "latency_ms", ...}``.
+
+    ``mAP`` in the score is the report's ``selection`` figure (held-out train images: the tuner and ``best`` choose
+    with it, so it must not be val); ``mAP50_95`` in the dict is the val figure, for people to read. Reports without
+    selection figures (a dataset with no train images) score on val.
+    """
     base, res = report["baseline"], report["result"]
     speedup = base["latency_ms"] / res["latency_ms"]
     compression = base["size_mb"] / res["size_mb"]
-    rel_map = res["mAP50_95"] / base["mAP50_95"] if base["mAP50_95"] > 0 else 0.0
-    excess = max(0.0, (base["mAP50_95"] - res["mAP50_95"]) - cfg.max_map_drop) * 100
+    sel = report.get("selection") or {}
+    acc, base_acc = (sel["mAP50_95"], sel["baseline_mAP50_95"]) if "mAP50_95" in sel else \
+        (res["mAP50_95"], base["mAP50_95"])
+    rel_map = acc / base_acc if base_acc > 0 else 0.0
+    excess = max(0.0, (base_acc - acc) - cfg.max_map_drop) * 100
     value = rel_map ** cfg.w_map * speedup ** cfg.w_latency * compression ** cfg.w_size * cfg.penalty ** excess
     return {"default": value, "mAP50_95": res["mAP50_95"], "mAP50": res["mAP50"], "latency_ms": res["latency_ms"],
             "size_mb": res["size_mb"], "params": res["params"], "macs": res["macs"], "speedup": speedup,
             "compression": compression, "baseline_mAP50_95": base["mAP50_95"],
-            "baseline_latency_ms": base["latency_ms"], **_deployment(report)}
+            "baseline_latency_ms": base["latency_ms"], "score_mAP50_95": acc, "score_baseline_mAP50_95": base_acc,
+            **_deployment(report)}
 
 
 def _deployment(report: dict) -> dict:

@@ -29,3 +29,14 @@ def test_a_smaller_file_and_the_interval_reach_the_final_metric():
     final = score(rep, ScoreConfig())
     assert final["default"] == pytest.approx(2.0 * 4.0 ** 0.25)
     assert (final["imgsz"], final["speedup_low"], final["speedup_high"]) == (448, pytest.approx(1 / 0.6), 2.5)
+
+
+def test_the_score_reads_the_held_out_figures_and_shows_val():
+    rep = {**report(0.30, 5.0, 8.0), "selection": {"on": "holdout", "images": 64, "mAP50_95": 0.20,
+                                                   "baseline_mAP50_95": 0.25}}
+    cfg = ScoreConfig(w_size=0)
+    final = score(rep, cfg)
+    assert final["default"] == pytest.approx(0.8 ** 4 * 2.0 * 0.5 ** 3)  # 5 held-out points lost: 3 past the allowance
+    assert (final["mAP50_95"], final["score_mAP50_95"]) == (0.30, 0.20)
+    moved_val = {**rep, "result": {**rep["result"], "mAP50_95": 0.01}, "baseline": {**rep["baseline"], "mAP50_95": 0.9}}
+    assert score(moved_val, cfg)["default"] == final["default"]

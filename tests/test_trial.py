@@ -187,3 +187,30 @@ def test_compare_gives_the_reports_ratios_against_the_baseline_timed_beside_it()
     assert figures["speedup"] == 2.5 and figures["compression"] == 4.0 and figures["latency_ratio"] == 0.4
     assert (figures["macs_ratio"], figures["params_ratio"]) == (0.75, 0.8)
     assert figures["latency_ratio_interval"] == [0.35, 0.45] and figures["result"]["mAP50_95"] == 0.29
+
+
+def test_the_tuners_score_is_measured_on_held_out_train_images_never_on_val(tiny_pt, tiny_data, tmp_path,
+                                                                            monkeypatch):
+    import compression.chain as chain
+    import compression.measure as measure
+    from compression.data import load_data_config
+    from compression.evaluate import EvalResult
+    from compression.score import ScoreConfig, score
+
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
+    val = load_data_config(tiny_data)["val"]
+    read = []
+
+    def fake_evaluate(model, data, imgsz, progress=True, **kw):  # val scores 0.9, any other split 0.1
+        read.append(data["val"])
+        return EvalResult(0.5, 0.9 if data["val"] == val else 0.1, 1)
+
+    monkeypatch.setattr(chain, "evaluate", fake_evaluate)
+    monkeypatch.setattr(measure, "evaluate", fake_evaluate)
+    cfg = build_config(parse_sets(["sparsity=0", "quantize=false", "deploy_imgsz=32"]))
+    report = chain.run_chain(str(tiny_pt), str(tiny_data), 64, cfg, tmp_path / "out", progress=False,
+                             score_fn=lambda r: score(r, ScoreConfig()))
+    sel = report["selection"]
+    assert (sel["on"], sel["images"], sel["mAP50_95"], sel["baseline_mAP50_95"]) == ("holdout", 2, 0.1, 0.1)
+    assert report["result"]["mAP50_95"] == 0.9 and report["final"]["score_mAP50_95"] == 0.1
+    assert [v for v in read if v != val]  # the held-out images were read, for the shipped file and the baseline
