@@ -47,7 +47,7 @@ def experiment(tiny_yolov5, tiny_data, tmp_path_factory):
                         "quant_granularity": {"_type": "choice", "_value": ["per_tensor", "per_channel"]}},
         "trialCommand": f"python trial.py --nni --weights {weights} --data {tiny_data} --imgsz 64 {budget}",
         "trialConcurrency": 2, "maxTrialNumber": 2, "maxExperimentDuration": "5m",  # one per core
-        "tuner": {"name": "TPE", "classArgs": {"optimize_mode": "maximize"}},
+        "tuner": yaml.safe_load((ROOT / "experiment.yml").read_text())["tuner"],  # the product's tuner settings
         "trainingService": {"platform": "local"},
     }
     (tmp / "smoke.yml").write_text(yaml.safe_dump(config))

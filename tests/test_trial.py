@@ -214,3 +214,12 @@ def test_the_tuners_score_is_measured_on_held_out_train_images_never_on_val(tiny
     assert (sel["on"], sel["images"], sel["mAP50_95"], sel["baseline_mAP50_95"]) == ("holdout", 2, 0.1, 0.1)
     assert report["result"]["mAP50_95"] == 0.9 and report["final"]["score_mAP50_95"] == 0.1
     assert [v for v in read if v != val]  # the held-out images were read, for the shipped file and the baseline
+
+
+def test_every_value_of_the_search_space_is_a_valid_trial_setting():
+    space = json.loads((TRIAL.parent / "search_space.json").read_text())
+    for key, spec in space.items():
+        values = spec["_value"] if spec["_type"] == "choice" else spec["_value"][:2]  # choices, or the range's ends
+        for value in values:
+            build_config({key: value})  # a one-line UserError for an unknown key or an out-of-range value
+    assert "deploy_imgsz" in space and "sparsity" in space
