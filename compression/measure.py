@@ -57,12 +57,13 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
 
 def baseline_map(onnx_path: Path, data: dict, imgsz: int, progress: bool = True) -> float:
     """mAP50-95 of the baseline's ONNX file on ``data``'s val entry (the held-out train images of a trial), cached
-    beside the baseline's entry: every trial of an experiment holds out the same images."""
+    per (file, images, imgsz): every trial of an experiment holds out the same images."""
     st = Path(onnx_path).stat()
     key = json.dumps([str(Path(onnx_path).resolve()), st.st_size, st.st_mtime_ns, data["val"], imgsz])
-    entry = Path(onnx_path).parent / f"map-{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    entry = cache_dir() / "baseline-maps" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if entry.is_file():
         return json.loads(entry.read_text())["mAP50_95"]
     value = evaluate(onnx_path, data, imgsz, progress=progress).mAP50_95
+    entry.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(entry, json.dumps({"mAP50_95": value}))
     return value
