@@ -186,7 +186,9 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
                                        progress=progress)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
-    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress)
+    # the quantize stage evaluated the file it shipped on the same images (its last round): not again
+    shipped = stages["quantize"]["rounds"][-1]["mAP50_95"] if cfg.quantize else None
+    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress, shipped)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
     report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
@@ -201,17 +203,19 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
 
 def selection_figures(model_path: Path, base_onnx: Path, train: dict, holdout: dict | None, imgsz: int,
-                      base_imgsz: int, progress: bool) -> dict:
-    """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file and of the FP32 baseline (each
-    at its own size) on the held-out train images; without any, on the train split; never on val, whose figure the
-    report gives. A dataset with no train images leaves only val: ``{"on": "val"}`` says so."""
+                      base_imgsz: int, progress: bool, shipped_map: float | None = None) -> dict:
+    """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file (``shipped_map`` when already
+    measured there) and of the FP32 baseline (each at its own size) on the held-out train images; without any, on
+    the train split (the images :func:`quantize_stage` chooses on); never on val, whose figure the report gives.
+    A dataset with no train images leaves only val: ``{"on": "val"}`` says so."""
     if holdout is None and not (train.get("train") and split_images(train, "train")):
         return {"on": "val"}
     on = holdout or {**train, "val": train["train"]}
     images = split_images(on, "val")
     check_labels(images, on["nc"])  # a trial that neither trains nor calibrates has not checked them yet
     return {"on": "holdout" if holdout else "train", "images": len(images),
-            "mAP50_95": evaluate(model_path, on, imgsz, progress=progress).mAP50_95,
+            "mAP50_95": evaluate(model_path, on, imgsz, progress=progress).mAP50_95 if shipped_map is None
+            else shipped_map,
             "baseline_mAP50_95": baseline_map(base_onnx, on, base_imgsz, progress=progress)}
 
 
