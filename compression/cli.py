@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _experiment_parser(sub, "best", "copy the best complete trial's INT8 ONNX (and its report) out of an experiment")
     p.add_argument("--out", required=True, help="output .onnx path; the report goes beside it as <name>.report.json")
-    p.add_argument("--metric", default="default", help="final-metric key to rank by (default: the score)")
+    p.add_argument("--metric", default="default",
+                   help="final-metric key to rank by (default: the score, on held-out train images; ranking by "
+                        "mAP50_95, the val figure, makes the best trial's val mAP an optimistic estimate)")
     p.set_defaults(func=_best)
 
     p = sub.add_parser("infer", help="draw detections on an image or a folder of images; JSON of detections")
