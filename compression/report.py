@@ -26,6 +26,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def label_levels(points: list[tuple[float, float]], near: float = 0.03) -> list[int]:
+    """How many lines up each point's label goes: one more than any earlier labelled point within ``near`` of it, in
+    units of the points' spread on each axis (the same configuration drawn twice by the tuner lands on one spot)."""
+    spans = [max(max(axis) - min(axis), 1e-12) for axis in zip(*points)] if points else []
+    levels: list[int] = []
+    for i, p in enumerate(points):
+        close = [levels[j] for j in range(i)
+                 if all(abs(a - b) / span < near for a, b, span in zip(p, points[j], spans))]
+        levels.append(max(close) + 1 if close else 0)
+    return levels
+
+
 def complete_reports(trials: list[Trial]) -> list[dict]:
     """The ``report.json`` of every complete trial, in trial order."""
     return [json.loads((t.folder / "report.json").read_text()) for t in trials if t.complete]
@@ -54,9 +66,10 @@ def plot(rows: list[dict], front: list[int], path: Path, reference: list | None 
     ax.scatter([r["rel_latency"] for r in rows], [r["mAP50_95"] for r in rows], s=sizes, alpha=0.6,
                c=["tab:orange" if i in front else "tab:blue" for i in range(len(rows))], edgecolors="k",
                label="trials (marker area ~ file size)")
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['trial']} {r['imgsz']}px", (r["rel_latency"], r["mAP50_95"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+    levels = label_levels([(r["rel_latency"], r["mAP50_95"]) for r in rows])
+    for r, level in zip(rows, levels):
+        ax.annotate(f"{r['trial']} {r['imgsz']}px", (r["rel_latency"], r["mAP50_95"]), fontsize=7,
+                    xytext=(4, 4 + 9 * level), textcoords="offset points")
         if r["interval"]:  # where a re-run's latency ratio should land
             ax.plot(r["interval"], [r["mAP50_95"]] * 2, color="tab:gray", lw=0.8, alpha=0.6)
     for precision, style in (("fp32", "-"), ("int8", "--")):

@@ -129,6 +129,15 @@ def test_pareto_front_keeps_only_undominated_points():
     assert pareto_front(points) == [1, 2]
 
 
+def test_labels_of_trials_on_one_spot_are_stacked_and_others_stay_put():
+    from compression.report import label_levels
+
+    # two draws of one configuration (QoG61 and wA458 of experiment dqpmah08), a third near them, two far away
+    points = [(0.41, 0.2306), (0.40, 0.2443), (0.41, 0.2306), (0.65, 0.2410), (0.412, 0.2307), (0.30, 0.2168)]
+    assert label_levels(points) == [0, 0, 1, 0, 2, 0]
+    assert label_levels([(1.0, 0.3)]) == [0] and label_levels([]) == []
+
+
 
 
 def nnictl(experiment, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
