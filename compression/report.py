@@ -26,14 +26,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def label_levels(points: list[tuple[float, float]], near: float = 0.03) -> list[int]:
-    """How many lines up each point's label goes: one more than any earlier labelled point within ``near`` of it, in
-    units of the points' spread on each axis (the same configuration drawn twice by the tuner lands on one spot)."""
-    spans = [max(max(axis) - min(axis), 1e-12) for axis in zip(*points)] if points else []
+def label_levels(points: list[tuple[float, float]], width: float = 48, height: float = 9) -> list[int]:
+    """How many lines up each point's label goes: one more than any earlier point's within ``width`` x ``height`` of
+    it (in typographic points, as the labels' offsets: a trial's label at fontsize 7 is about 45 x 8), so that the
+    same configuration drawn twice by the tuner, or two trials a few pixels apart, keep readable labels."""
     levels: list[int] = []
-    for i, p in enumerate(points):
-        close = [levels[j] for j in range(i)
-                 if all(abs(a - b) / span < near for a, b, span in zip(p, points[j], spans))]
+    for i, (x, y) in enumerate(points):
+        close = [levels[j] for j in range(i) if abs(x - points[j][0]) < width and abs(y - points[j][1]) < height]
         levels.append(max(close) + 1 if close else 0)
     return levels
 
@@ -66,10 +65,7 @@ def plot(rows: list[dict], front: list[int], path: Path, reference: list | None 
     ax.scatter([r["rel_latency"] for r in rows], [r["mAP50_95"] for r in rows], s=sizes, alpha=0.6,
                c=["tab:orange" if i in front else "tab:blue" for i in range(len(rows))], edgecolors="k",
                label="trials (marker area ~ file size)")
-    levels = label_levels([(r["rel_latency"], r["mAP50_95"]) for r in rows])
-    for r, level in zip(rows, levels):
-        ax.annotate(f"{r['trial']} {r['imgsz']}px", (r["rel_latency"], r["mAP50_95"]), fontsize=7,
-                    xytext=(4, 4 + 9 * level), textcoords="offset points")
+    for r in rows:
         if r["interval"]:  # where a re-run's latency ratio should land
             ax.plot(r["interval"], [r["mAP50_95"]] * 2, color="tab:gray", lw=0.8, alpha=0.6)
     for precision, style in (("fp32", "-"), ("int8", "--")):
@@ -93,6 +89,11 @@ def plot(rows: list[dict], front: list[int], path: Path, reference: list | None 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    xy = [(r["rel_latency"], r["mAP50_95"]) for r in rows]
+    at = [(px * 72 / fig.dpi, py * 72 / fig.dpi) for px, py in ax.transData.transform(xy)]  # pixels -> points
+    for (x, y), level, r in zip(xy, label_levels(at), rows):
+        ax.annotate(f"{r['trial']} {r['imgsz']}px", (x, y), fontsize=7, xytext=(4, 4 + 9 * level),
+                    textcoords="offset points")
     fig.savefig(path)
     plt.close(fig)
 
