@@ -137,3 +137,92 @@ def test_labels_of_trials_on_one_spot_are_stacked_and_others_stay_put():
     points = [(200, 150), (300, 250), (210, 151), (205, 149), (200, 139), (400, 150)]
     assert label_levels(points) == [0, 0, 1, 2, 0, 0]
     assert label_levels([(1.0, 0.3)]) == [0] and label_levels([]) == []
+
+
+def nnictl(experiment, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(NNICTL), *args], capture_output=True, text=True, timeout=timeout, env=experiment["env"])
+
+
+def wait_for_jobs(port: int, count: int, seconds: float = 280) -> list[dict]:
+    deadline, jobs = time.time() + seconds, []
+    while time.time() < deadline:
+        jobs = get(port, "trial-jobs")
+        if len(jobs) >= count and all(j["status"] not in ("WAITING", "RUNNING") for j in jobs):
+            break
+        time.sleep(3)
+    return jobs
+
+
+@pytest.mark.slow
+def test_stop_then_resume_continues_the_experiment_and_reuses_the_caches(experiment):
+    """Runs after the tests above (file order): stop, resume on the same port, one more trial, caches reused."""
+    exp_id, port, cache = experiment["id"], experiment["port"], experiment["tmp"] / "cache"
+    baselines = {p: p.stat().st_mtime_ns for p in (cache / "baselines").iterdir()}
+    students = set((cache / "students").iterdir())
+    r = nnictl(experiment, "stop", exp_id)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0  # really stopped
+
+    r = nnictl(experiment, "resume", exp_id, "--port", str(port))
+    assert r.returncode == 0, r.stdout + r.stderr
+    before = {j["trialJobId"]: j["status"] for j in get(port, "trial-jobs")}
+    assert list(before.values()) == ["SUCCEEDED", "SUCCEEDED"]  # the finished trials came back as they were
+    r = nnictl(experiment, "update", "trialnum", exp_id, "--value", "3")
+    assert r.returncode == 0, r.stdout + r.stderr
+    jobs = wait_for_jobs(port, 3)
+    new = [j for j in jobs if j["trialJobId"] not in before]
+    assert len(new) == 1 and new[0]["status"] == "SUCCEEDED", jobs
+
+    # The FP32 baseline was not measured again, and the new trial's student came from the cache whenever an
+    # earlier trial had made one with the same pruning (two sparsity choices for three trials).
+    assert {p: p.stat().st_mtime_ns for p in (cache / "baselines").iterdir()} == baselines
+    trials = {t.id: t for t in trials_from_disk(exp_id, experiment["root"])}
+    report = json.loads((trials[new[0]["trialJobId"]].folder / "report.json").read_text())
+    seen = {json.loads((trials[t].folder / "report.json").read_text())["config"]["sparsity"] for t in before}
+    expected = "hit" if report["config"]["sparsity"] in seen else "miss"
+    assert report["stages"]["cache"]["student"] == expected
+    assert set((cache / "students").iterdir()) >= students
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome") if
+                 Path(p).is_file()), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install chromium)")
+def test_dashboard_shows_the_trials_and_their_metrics_in_a_real_browser(experiment):
+    """Headless Chromium opens the NNI web UI, adds our final-metric keys as table columns and reads the rows."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    finals = {j["trialJobId"]: json.loads(json.loads(j["finalMetricData"][-1]["data"])) for j in experiment["jobs"]}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+            "--disable-component-update"])  # this machine has no internet: Chromium must not try to phone home
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(f"http://127.0.0.1:{experiment['port']}/oview")
+            body = page.locator("body")
+            sync_api.expect(body).to_contain_text(experiment["id"], timeout=30_000)
+            sync_api.expect(body).to_contain_text("DONE")
+            for trial in finals:  # the top-trials table
+                sync_api.expect(body).to_contain_text(trial)
+
+            page.goto(f"http://127.0.0.1:{experiment['port']}/detail")
+            page.get_by_text("Add/Remove columns").click(timeout=30_000)
+            dialog = page.inner_text("body")
+            for key in FINAL_KEYS - {"default"}:  # every key of our final dict is offered as a column
+                assert f"{key} (metric)" in dialog, key
+            for key in ("mAP50_95", "latency_ms", "size_mb"):
+                page.get_by_text(f"{key} (metric)", exact=True).click()
+            page.get_by_text("Save", exact=True).click()
+            sync_api.expect(page.locator("[role=columnheader]", has_text="size_mb (metric)")).to_be_visible()
+            page.screenshot(path=str(experiment["tmp"] / "dashboard.png"), full_page=True)
+            for trial, final in finals.items():
+                row = page.locator("[role=row]", has_text=trial)
+                sync_api.expect(row).to_contain_text("SUCCEEDED")
+                shown = [float(x) for x in re.findall(r"\d+\.\d+(?:e-?\d+)?", row.inner_text())]
+                for key in ("default", "mAP50_95", "latency_ms", "size_mb"):
+                    assert any(x == pytest.approx(final[key], rel=1e-5, abs=1e-6) for x in shown), (key, shown)
+        finally:
+            browser.close()
