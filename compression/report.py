@@ -26,7 +26,10 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def label_levels(points: list[tuple[float, float]], width: float = 48, height: float = 9) -> list[int]:
+LABEL_LINE = 9  # typographic points between stacked trial labels (fontsize 7)
+
+
+def label_levels(points: list[tuple[float, float]], width: float = 48, height: float = LABEL_LINE) -> list[int]:
     """How many lines up each point's label goes: one more than any earlier point's within ``width`` x ``height`` of
     it (in typographic points, as the labels' offsets: a trial's label at fontsize 7 is about 45 x 8), so that the
     same configuration drawn twice by the tuner, or two trials a few pixels apart, keep readable labels."""
@@ -92,7 +95,7 @@ def plot(rows: list[dict], front: list[int], path: Path, reference: list | None 
     xy = [(r["rel_latency"], r["mAP50_95"]) for r in rows]
     at = [(px * 72 / fig.dpi, py * 72 / fig.dpi) for px, py in ax.transData.transform(xy)]  # pixels -> points
     for (x, y), level, r in zip(xy, label_levels(at), rows):
-        ax.annotate(f"{r['trial']} {r['imgsz']}px", (x, y), fontsize=7, xytext=(4, 4 + 9 * level),
+        ax.annotate(f"{r['trial']} {r['imgsz']}px", (x, y), fontsize=7, xytext=(4, 4 + LABEL_LINE * level),
                     textcoords="offset points")
     fig.savefig(path)
     plt.close(fig)
