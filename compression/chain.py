@@ -40,7 +40,7 @@ from compression.qat import learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import ptq, ptq_graph
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
-STUDENT_VERSION = 4  # bump when pruning or distillation changes what a cached student holds
+STUDENT_VERSION = 5  # bump when pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.benchmark import count_params_and_macs
-from compression.lowrank import factorize_to_, set_ranks_
+from compression.lowrank import factorize_to_, in_channels, set_ranks_
 from compression.models import family, raw_view
 
 IMPORTANCE = ("l1", "l2", "bn_scale")
@@ -67,7 +67,8 @@ class Structure:
 
     kept: dict[str, list[int]] = field(default_factory=dict)  # BatchNorm name -> the teacher channels it keeps
     removed_blocks: list[str] = field(default_factory=list)  # residual bottlenecks replaced by their shortcut
-    ranks: dict[str, int] = field(default_factory=dict)  # Conv block name -> rank of its factorised convolution
+    ranks: dict[str, int] = field(default_factory=dict)  # Conv block name -> output rank of its factorised convolution
+    in_ranks: dict[str, int] = field(default_factory=dict)  # Conv block name -> width of its input projection
 
 
 @dataclass
@@ -402,7 +403,7 @@ def _prune_to_(model: nn.Module, target: int, base_macs: int, cfg: PruneConfig, 
 def _factorize_to_(model: nn.Module, target: int, cfg: PruneConfig, imgsz: int, images: torch.Tensor,
                    structure: Structure) -> dict:
     """Factorise ``model``'s Conv blocks in place until its MACs are at most ``target`` (:mod:`compression.lowrank`)."""
-    ranks: dict[str, int] = {}
+    ranks: dict[str, tuple[int, int]] = {}
     for _ in range(3):  # the plan's MACs are exact per block; the counter may see a little more left to remove
         macs = count_params_and_macs(model, imgsz)[1]
         if macs <= target:
@@ -412,8 +413,13 @@ def _factorize_to_(model: nn.Module, target: int, cfg: PruneConfig, imgsz: int, 
         if not step:
             break
         ranks.update(step)
-    structure.ranks.update(ranks)
-    return {"ranks": ranks}
+    blocks = dict(model.named_modules())
+    for name, (s, r) in ranks.items():  # ranks only fall, so the last step's are the block's
+        if r < blocks[name].bn.num_features:
+            structure.ranks[name] = r
+        if s < in_channels(blocks[name]):
+            structure.in_ranks[name] = s
+    return {"ranks": {name: list(sr) for name, sr in ranks.items()}}
 
 
 def prune(model: nn.Module, cfg: PruneConfig, imgsz: int = 640, images: torch.Tensor | None = None,
@@ -500,7 +506,7 @@ def apply_structure(model: nn.Module, structure: Structure) -> nn.Module:
         conv = group[0].dep.target.module
         removed = [i for i in range(student.get_submodule(bn).num_features) if i not in kept]
         dg.get_pruning_group(conv, dg.get_pruner_of_module(conv).prune_out_channels, removed).prune()
-    set_ranks_(student, structure.ranks)
+    set_ranks_(student, structure.ranks, structure.in_ranks)
     _trainable_(student)
     return student
 

@@ -6,7 +6,8 @@ from torch import nn
 
 from conftest import lively
 from compression.export import export_onnx
-from compression.lowrank import activation_stats, allocate_ranks, factorize_, is_factorized, rank
+from compression.lowrank import (activation_stats, allocate_ranks, conv_blocks, factorize_, in_channels,
+                                 in_rank, input_directions, is_factorized, projectable, rank, rank_options)
 from compression.models import head_output_convs
 from compression.prune import (PruneConfig, Structure, _Groups, _output_error, _zero_channels, allocate,
                                apply_structure, detection_error, prune, raw_outputs, reconstruct_, residual_blocks)
@@ -215,21 +216,65 @@ def test_lowrank_reaches_the_macs_target_with_ranks_on_the_grid(tiny_yolov5, ima
         width = blocks[name].bn.num_features
         assert is_factorized(blocks[name]) and rank(blocks[name]) == r and 8 <= r < width
         assert r % 8 == 0 or width % 8  # multiples of 8 where the width is one
+    for name, s in result.structure.in_ranks.items():
+        width = in_channels(blocks[name])
+        assert is_factorized(blocks[name]) and in_rank(blocks[name]) == s and 8 <= s < width
+        assert s % 8 == 0 or width % 8
     widths = {n: m.num_features for n, m in small.named_modules() if isinstance(m, nn.BatchNorm2d)}
     assert widths == {n: m.num_features for n, m in teacher.named_modules() if isinstance(m, nn.BatchNorm2d)}
 
 
 def test_a_full_rank_factorisation_computes_the_same_block(tiny_yolov5, images):
-    """A = U^T D W and B = D^-1 U with every direction kept is the block itself: the algebra, factorised twice."""
+    """A = U^T D W and B = D^-1 U with every direction kept is the block itself: the algebra, on a plain block and
+    on blocks factorised already (on either side), whose convolutions compose back into one."""
     model = copy.deepcopy(lively(tiny_yolov5, images))
     name = "model.3"  # a 3x3 stride-2 convolution
     block = model.get_submodule(name)
     x = model.model[:3](images)
-    before = block(x)
-    for _ in range(2):  # the second time through a block that is factorised already
-        factorize_(block, block.bn.num_features, activation_stats(model, images, [name])[name])
-    assert is_factorized(block)
-    assert torch.allclose(block(x), before, atol=1e-4, rtol=1e-4)
+    width = block.bn.num_features
+
+    def full_rank_keeps_it():
+        before = block(x)
+        factorize_(block, width, activation_stats(model, images, [name])[name])
+        assert not is_factorized(block) and torch.allclose(block(x), before, atol=1e-4, rtol=1e-4)
+
+    full_rank_keeps_it()
+    factorize_(block, width // 2, activation_stats(model, images, [name])[name])
+    assert is_factorized(block) and rank(block) == width // 2
+    full_rank_keeps_it()
+    factorize_(block, width, activation_stats(model, images, [name], inputs=[name])[name], in_channels(block) // 2)
+    assert is_factorized(block) and in_rank(block) == in_channels(block) // 2
+    full_rank_keeps_it()
+
+
+def test_an_input_projection_computes_the_block_on_the_projected_input(tiny_yolov5, images):
+    """With input rank s the block reads mu + A P (x - mu): inside the borders (where zero padding would have to be
+    projected too) its output is the full block's on that input, and the dropped directions are the least read."""
+    model = copy.deepcopy(lively(tiny_yolov5, images))
+    name = "model.3"
+    block = model.get_submodule(name)
+    full = copy.deepcopy(block)
+    x = model.model[:3](images)
+    stats = activation_stats(model, images, [name], inputs=[name])[name]
+    p = input_directions(block, stats)
+    assert torch.all(p["tail"][:-1] >= p["tail"][1:]) and p["tail"][-1] == 0
+    s = in_channels(block) // 2
+    factorize_(block, block.bn.num_features, stats, s)
+    assert is_factorized(block) and in_rank(block) == s and rank(block) == block.bn.num_features
+    v = p["V"][:, :s]
+    a, proj, mu = (p["root"] @ v).float(), (v.T @ p["inv_root"]).float(), p["mean"].float().view(1, -1, 1, 1)
+    projected = mu + torch.einsum("cs,si,nihw->nchw", a, proj, x - mu)
+    with torch.no_grad():
+        got, want = block.bn(block.conv(x)), full.bn(full.conv(projected))
+    assert torch.allclose(got[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        lost = (want - full.bn(full.conv(x)))[..., 1:-1, 1:-1]
+        worst = copy.deepcopy(full)  # the same projection onto the trailing directions instead
+        v = p["V"][:, -s:]
+        trailing = mu + torch.einsum("cs,si,nihw->nchw", (p["root"] @ v).float(), (v.T @ p["inv_root"]).float(),
+                                     x - mu)
+        lost_worst = (worst.bn(worst.conv(trailing)) - full.bn(full.conv(x)))[..., 1:-1, 1:-1]
+    assert lost.pow(2).mean() < lost_worst.pow(2).mean()
 
 
 def test_a_low_rank_block_projects_onto_the_leading_directions(tiny_yolov5, images):
@@ -247,6 +292,29 @@ def test_a_low_rank_block_projects_onto_the_leading_directions(tiny_yolov5, imag
     assert rank(block) == r and torch.allclose(block.bn(block.conv(x)), projected, atol=1e-4, rtol=1e-4)
 
 
+class _Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+def test_an_input_of_low_rank_is_projected_at_no_loss():
+    """32 input channels that mix 4 signals: an input projection to 8 channels loses nothing, and the allocation
+    takes it before any cut of the output (which a 3x3 convolution of 4 signals fills)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block(32, 32)).eval()
+    x = torch.einsum("ck,nkhw->nchw", torch.randn(32, 4), torch.randn(8, 4, 16, 16))
+    stats = activation_stats(model, x, ["0"], inputs=["0"])["0"]
+    options = rank_options(model[0], stats, 16 * 16, step=8, floor=8)
+    lost = {key: loss for key, _, loss in options}
+    assert lost[(8, 32)] < 1e-6 < lost[(32, 24)]
+    (s, r), = allocate_ranks({"0": options}, need=9 * 32 * 32 * 16 * 16 // 2).values()
+    assert s < 32 and r == 32
+
+
 def test_the_rank_allocation_takes_the_least_energy_for_the_macs():
     options = {"a": [(4, 100, 0.5)], "b": [(2, 150, 0.3), (4, 100, 0.1)]}
     assert allocate_ranks(options, 100) == {"b": 4}
@@ -260,6 +328,11 @@ def test_the_rank_allocation_takes_the_least_energy_for_the_macs():
 def test_a_factorised_student_rebuilds_and_its_onnx_equals_torch(fixture, request, images, tmp_path):
     model = lively(request.getfixturevalue(fixture), images)
     small, result = prune(model, PruneConfig(sparsity=0.25), 64, images)
+    # and an input projection, whether or not the allocation chose one on random weights
+    name = next(n for n, b in conv_blocks(small).items() if projectable(b, 8) and n not in result.structure.ranks)
+    block = small.get_submodule(name)
+    factorize_(block, block.bn.num_features, activation_stats(small, images, [name], inputs=[name])[name], 8)
+    result.structure.in_ranks[name] = 8
     again = apply_structure(model, Structure(**vars(result.structure)))
     again.load_state_dict(small.state_dict())
     x = torch.rand(2, 3, 64, 64)
