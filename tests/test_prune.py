@@ -165,9 +165,9 @@ def test_reconstruction_brings_the_pruned_features_closer_to_the_teacher(tiny_yo
 
 
 class _Block(nn.Module):
-    def __init__(self, c1, c2):
+    def __init__(self, c1, c2, k=1):
         super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(c1, c2, 1, bias=False), nn.BatchNorm2d(c2), nn.SiLU()
+        self.conv, self.bn, self.act = nn.Conv2d(c1, c2, k, 1, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU()
 
     def forward(self, x):
         return self.act(self.bn(self.conv(x)))
@@ -292,20 +292,11 @@ def test_a_low_rank_block_projects_onto_the_leading_directions(tiny_yolov5, imag
     assert rank(block) == r and torch.allclose(block.bn(block.conv(x)), projected, atol=1e-4, rtol=1e-4)
 
 
-class _Block(nn.Module):
-    def __init__(self, c_in: int, c_out: int):
-        super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.SiLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
-
-
 def test_an_input_of_low_rank_is_projected_at_no_loss():
     """32 input channels that mix 4 signals: an input projection to 8 channels loses nothing, and the allocation
     takes it before any cut of the output (which a 3x3 convolution of 4 signals fills)."""
     torch.manual_seed(0)
-    model = nn.Sequential(_Block(32, 32)).eval()
+    model = nn.Sequential(_Block(32, 32, 3)).eval()
     x = torch.einsum("ck,nkhw->nchw", torch.randn(32, 4), torch.randn(8, 4, 16, 16))
     stats = activation_stats(model, x, ["0"], inputs=["0"])["0"]
     options = rank_options(model[0], stats, 16 * 16, step=8, floor=8)
