@@ -79,6 +79,7 @@ def in_rank(block: nn.Module) -> int:
 
 
 def in_channels(block: nn.Module) -> int:
+    """The width of the block's input."""
     inp, core, _ = parts(block)
     return (inp if inp is not None else core).in_channels
 
@@ -114,12 +115,18 @@ def linear_map(block: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return w, bias
 
 
+def _bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """``D``'s diagonal, ``gamma / sqrt(var + eps)``, in float64."""
+    return (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).double().cpu()
+
+
 def projectable(block: nn.Module, floor: int) -> bool:
     """Whether the block's input may be projected: a ``k x k`` core (k > 1) reading at least ``2 * floor`` channels."""
     return _core(block).kernel_size != (1, 1) and in_channels(block) >= 2 * floor
 
 
-def _moments(acc: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(acc: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, covariance and mean energy (second moment) from the sums ``[sum, sum of outer products, count]``."""
     s, ss, count = acc
     mean = s / count
     return mean, ss / count - torch.outer(mean, mean), ss.diagonal().sum() / count
@@ -178,9 +185,7 @@ def input_directions(block: nn.Module, stats: dict) -> dict:
                                                                                                  dtype=cov.dtype))
     ev = ev.clamp(min=1e-12)
     root, inv_root = vecs @ torch.diag(ev.sqrt()) @ vecs.T, vecs @ torch.diag(ev.rsqrt()) @ vecs.T
-    bn = block.bn
-    d = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).double().cpu()
-    w = linear_map(block)[0] * d.view(-1, 1, 1, 1)
+    w = linear_map(block)[0] * _bn_scale(block.bn).view(-1, 1, 1, 1)
     gram = torch.einsum("oikl,ojkl->ij", w, w)
     gev, gvec = torch.linalg.eigh(gram)
     h = gvec @ torch.diag(gev.clamp(min=0).sqrt()) @ gvec.T
@@ -261,7 +266,7 @@ def _shaped(block: nn.Module, r: int, s: int | None = None) -> nn.Sequential:
 
 def factorize_(block: nn.Module, r: int, stats: dict, s: int | None = None) -> nn.Module:
     """Replace the block's convolution by its factorisation to output rank ``r`` (``stats``' leading directions)
-    and input rank ``s`` (default: none; ``stats`` must then hold the block's input statistics)."""
+    and input rank ``s`` (default: no input projection; one needs ``stats``' input statistics)."""
     bn = block.bn
     w, bias = linear_map(block)
     ci = w.shape[1]
@@ -279,7 +284,7 @@ def factorize_(block: nn.Module, r: int, stats: dict, s: int | None = None) -> n
         if proj_in is not None:
             parts_.pop(0).weight.copy_(proj_in[:, :, None, None].to(new[0].weight.dtype))
         if r < block.bn.num_features:
-            d = (bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)).double().cpu()
+            d = _bn_scale(bn)
             d = torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
             u = stats["U"][:, :r]
             m = bn.running_mean.double().cpu() + (stats["mean"] - bn.bias.detach().double().cpu()) / d  # E[conv(x)]
