@@ -38,13 +38,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from compression.data import build_dataset, build_loader
 from compression.evaluate import evaluate
-from compression.models import raw_view, task_loss
+from compression.models import bernoulli_kl, raw_view, task_loss
 from compression.runtime import select_device
 
 
@@ -95,11 +94,6 @@ class DistillResult:
     images: int = 0  # training images seen (labeled and unlabeled)
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
     seconds: float = 0.0
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Binary entropy of sigmoid(logits): the least BCE against these soft targets."""
-    return F.binary_cross_entropy_with_logits(logits, logits.sigmoid(), reduction="none")
 
 
 def _width(block: nn.Module) -> int:
@@ -154,18 +148,19 @@ def kd_loss(student: dict, teacher: dict, temperature: float, feat: torch.Tensor
             feat_weight: float = 0.0) -> torch.Tensor:
     """The distillation term of one batch (see the module docstring)."""
     t = temperature
+
+    def soft(logits):
+        return logits if t == 1 else logits / t
+
     if teacher["obj"] is not None:
         obj_w = teacher["obj"].sigmoid()
-        obj = F.binary_cross_entropy_with_logits(student["obj"] / t, (teacher["obj"] / t).sigmoid())
-        obj = obj - _entropy(teacher["obj"] / t).mean()
+        obj = bernoulli_kl(soft(student["obj"]), soft(teacher["obj"])).mean()
         conf = obj_w * teacher["cls"].sigmoid().amax(-1)
     else:
         obj_w = torch.ones_like(teacher["cls"][..., 0])
         obj = torch.zeros((), device=obj_w.device)
         conf = teacher["cls"].sigmoid().amax(-1)
-    cls_per_anchor = F.binary_cross_entropy_with_logits(
-        student["cls"] / t, (teacher["cls"] / t).sigmoid(), reduction="none").mean(-1)
-    cls_per_anchor = cls_per_anchor - _entropy(teacher["cls"] / t).mean(-1)  # BCE - H(teacher): 0 when equal
+    cls_per_anchor = bernoulli_kl(soft(student["cls"]), soft(teacher["cls"])).mean(-1)
     cls = (obj_w * cls_per_anchor).sum() / obj_w.sum().clamp(min=1e-6)
     box = (conf * (student["box"] - teacher["box"]).pow(2).sum(-1)).sum() / conf.sum().clamp(min=1e-6)
     extra = feat_weight * feat if feat is not None and feat_weight else 0.0

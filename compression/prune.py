@@ -21,7 +21,7 @@ from torch import nn
 
 from compression.benchmark import count_params_and_macs
 from compression.lowrank import factorize_to_, in_channels, set_ranks_
-from compression.models import family, raw_view
+from compression.models import bernoulli_kl, family, raw_view
 
 IMPORTANCE = ("l1", "l2", "bn_scale")
 METHODS = ("lowrank", "channels", "blocks", "both")
@@ -235,14 +235,10 @@ def detection_error(student: dict, teacher: dict) -> torch.Tensor:
         c = view["cls"].sigmoid().amax(-1)
         return c * view["obj"].sigmoid() if view["obj"] is not None else c
 
-    def kl(s, t):  # Bernoulli KL(sig(t) || sig(s)), elementwise
-        return F.binary_cross_entropy_with_logits(s, t.sigmoid(), reduction="none") - \
-            F.binary_cross_entropy_with_logits(t, t.sigmoid(), reduction="none")
-
     weight = torch.maximum(conf(student), conf(teacher))
-    per_anchor = kl(student["cls"], teacher["cls"]).mean(-1) + (student["box"] - teacher["box"]).pow(2).sum(-1)
+    per_anchor = bernoulli_kl(student["cls"], teacher["cls"]).mean(-1) + (student["box"] - teacher["box"]).pow(2).sum(-1)
     if teacher["obj"] is not None:
-        per_anchor = per_anchor + kl(student["obj"], teacher["obj"])
+        per_anchor = per_anchor + bernoulli_kl(student["obj"], teacher["obj"])
     return (weight * per_anchor).sum() / weight.sum().clamp(min=1e-9)
 
 

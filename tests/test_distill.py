@@ -6,7 +6,7 @@ import torch
 
 from compression.data import build_dataset, build_loader, holdout_split, load_data_config, split_images
 from compression.distill import DistillConfig, crop_batch, distill, kd_loss
-from compression.models import YOLOv5Loss, raw_view, task_loss
+from compression.models import YOLOv5Loss, bernoulli_kl, raw_view, task_loss
 from compression.prune import PruneConfig, prune, raw_outputs
 
 
@@ -18,6 +18,21 @@ def batch(tiny_data):
 
 def _img(batch):
     return batch["img"].float() / 255
+
+
+def test_bernoulli_kl_is_bce_minus_the_targets_entropy_with_its_gradient():
+    torch.manual_seed(0)
+    extreme = torch.tensor([[-120., 120., 35., -25., 0.], [-110., 110., 30., -30., 0.]], dtype=torch.double)
+    s, t = torch.cat((torch.randn(2, 200, dtype=torch.double) * 6, extreme), 1)
+    s.requires_grad_()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(s, t.sigmoid(), reduction="none") - bce(t, t.sigmoid(), reduction="none")
+    kl = bernoulli_kl(s, t)
+    assert torch.allclose(kl, expected, atol=1e-6) and (kl > -1e-9).all()
+    weights = torch.rand_like(kl)
+    assert torch.allclose(torch.autograd.grad((kl * weights).sum(), s)[0],
+                          torch.autograd.grad((expected * weights).sum(), s)[0], atol=1e-9)
+    assert bernoulli_kl(t, t).abs().max() < 1e-6
 
 
 def test_yolov5_loss_prefers_predictions_that_match_the_targets(tiny_yolov5, batch):
