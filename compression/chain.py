@@ -29,7 +29,7 @@ import torch
 from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
 from compression.config import TrialConfig
 from compression.data import check_labels, holdout_split, load_data_config, split_images, train_images
-from compression.distill import distill
+from compression.distill import DistillResult, distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate
 from compression.export import export_onnx
 from compression.lowrank import STATS_IMAGES
@@ -40,7 +40,7 @@ from compression.qat import learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import ptq, ptq_graph
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
-STUDENT_VERSION = 5  # bump when pruning or distillation changes what a cached student holds
+STUDENT_VERSION = 6  # bump when pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
 
 
@@ -88,8 +88,8 @@ def _atomic_json(path: Path, obj: dict) -> None:
 def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
                  on_eval: Callable[[str, dict], None] | None = None, progress: bool = True,
                  on_stage: Callable[[str], None] | None = None):
-    """Prune ``teacher`` in ``cfg.prune_rounds`` steps, each followed by least-squares reconstruction and
-    ``cfg.round_steps`` of distillation, then recover with ``cfg.kd_steps`` (best checkpoint on ``holdout``).
+    """Prune ``teacher`` in ``cfg.prune_rounds`` steps, each followed by least-squares reconstruction and (but the
+    last) ``cfg.round_steps`` of distillation, then recover with ``cfg.kd_steps`` (best checkpoint on ``holdout``).
 
     Returns ``(student, {"prune": ..., "distill": ...})``, the report's stage fields. ``train`` is the train split
     without the held-out images: reconstruction, sensitivity and distillation read only it. ``on_stage("distill")``
@@ -115,7 +115,11 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
         if recon is not None:
             reconstruct_(student, teacher, recon, structure.kept, progress=progress)
         r1 = time.perf_counter()
-        student, res = distill(student, teacher, train, round_cfg, imgsz, kept=structure.kept, progress=progress)
+        # after the last round the main recovery trains: a short run before it only lowered its start (held-out
+        # mAP50-95 0.164 -> 0.147 at sparsity 0.2, lowrank)
+        res = DistillResult()
+        if step < cfg.prune_rounds:
+            student, res = distill(student, teacher, train, round_cfg, imgsz, kept=structure.kept, progress=progress)
         rounds.append({"recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
         return student
 

@@ -35,7 +35,7 @@ class _TrialKeys:
     """The keys that belong to the trial itself, not to one stage (TrialConfig adds the stage keys after them)."""
 
     deploy_imgsz: int = 0  # input side the shipped model runs at (px, a multiple of the stride), 0 = the base --imgsz
-    round_steps: int = 25  # distillation steps after each pruning round
+    round_steps: int = 25  # distillation steps after each pruning round but the last (the main recovery follows it)
     recon_images: int = 32  # train images for the least-squares reconstruction after each round (channels and
     # blocks; not lowrank, which it lowers), 0 = none
     holdout_images: int = 256  # train images never trained on: the best checkpoint, the INT8 fallback, QAT vs PTQ

@@ -45,6 +45,8 @@ def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
     assert set(report["baseline"]) == keys and set(report["result"]) == keys
     assert report["result"]["params"] < report["baseline"]["params"]
     assert report["macs_ratio"] == pytest.approx(0.75, abs=0.02) and len(report["stages"]["prune"]["rounds"]) == 2
+    # a short distillation between rounds; after the last one the main recovery trains
+    assert [r["recover"]["steps"] for r in report["stages"]["prune"]["rounds"]] == [1, 0]
     assert [e["step"] for e in report["stages"]["distill"]["evals"]] == [1, 2]
     assert [(e["stage"], e["step"]) for e in report["evals"]] == [("distill", 1), ("distill", 2)]
     final = json.loads(r.stdout.strip().splitlines()[-1])
