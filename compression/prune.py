@@ -236,7 +236,8 @@ def detection_error(student: dict, teacher: dict) -> torch.Tensor:
         return c * view["obj"].sigmoid() if view["obj"] is not None else c
 
     weight = torch.maximum(conf(student), conf(teacher))
-    per_anchor = bernoulli_kl(student["cls"], teacher["cls"]).mean(-1) + (student["box"] - teacher["box"]).pow(2).sum(-1)
+    box = (student["box"] - teacher["box"]).pow(2).sum(-1)
+    per_anchor = bernoulli_kl(student["cls"], teacher["cls"]).mean(-1) + box
     if teacher["obj"] is not None:
         per_anchor = per_anchor + bernoulli_kl(student["obj"], teacher["obj"])
     return (weight * per_anchor).sum() / weight.sum().clamp(min=1e-9)
