@@ -434,8 +434,11 @@ def raw_view(model: nn.Module, raw) -> dict[str, torch.Tensor | None]:
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
-    # log(1 + e^-|x|) instead of F.softplus / log1p: ~1.7x faster on CPU, off by < 1e-7
-    return x.clamp(min=0) + torch.log(1 + torch.exp(-x.abs()))
+    # max(x, 0) + log1p(e^-|x|), with log1p(u) = u log(w) / (w - 1), w = 1 + u (Goldberg's accurate form): torch's
+    # CPU log1p and softplus are not vectorised, log is
+    u = torch.exp(-x.abs())
+    w = 1 + u
+    return x.clamp(min=0) + torch.where(w == 1, u, torch.log(w) * u / (w - 1))
 
 
 class _BernoulliKL(torch.autograd.Function):
@@ -454,7 +457,7 @@ class _BernoulliKL(torch.autograd.Function):
 def bernoulli_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Elementwise KL(sig(t) || sig(s)) of logits ``s`` (student) and ``t`` (target, no gradient): 0 where equal.
 
-    The same as ``BCE(s, sig(t)) - BCE(t, sig(t))``, forward and backward in ~0.55x the time: that took ~15 % of a
+    The same as ``BCE(s, sig(t)) - BCE(t, sig(t))``, forward and backward in ~0.75x the time: that took ~15 % of a
     CPU distillation step (the class logits' KL, 16 x 6300 x 80 of them at 320 px).
     """
     return _BernoulliKL.apply(s, t.detach())

@@ -62,13 +62,16 @@ def test_masked_sensitivity_equals_the_error_of_the_pruned_model(tiny_yolov5, im
     """Zeroing a group's channels after their Conv blocks computes exactly what removing them computes."""
     model = copy.deepcopy(tiny_yolov5)
     groups = _Groups(model, PruneConfig(sparsity=0.2), 64, {})
+    # in float64: the untrained tiny model's logits move by ~1e-8 and its error is ~1e-18, under float32 rounding
+    model.double()
+    images = images.double()
     g = max(groups.groups, key=lambda g: len(g["blocks"]))  # a residual stream: several Conv blocks coupled
     count = g["counts"][0]
     reference = [raw_outputs(model, images)]
     masked = _output_error(model, images, reference, {b: _zero_channels(i) for b, i in groups.masks(g, count).items()})
     groups.removal(g, count).prune()
     pruned = float(detection_error(raw_outputs(model, images), reference[0]))
-    assert masked > 0 and masked == pytest.approx(pruned, rel=1e-4, abs=1e-6)
+    assert masked > 0 and masked == pytest.approx(pruned, rel=1e-4)
 
 
 def test_blocks_are_removed_and_onnx_still_equals_torch(tiny_yolov5, images, tmp_path):
