@@ -460,5 +460,6 @@ def bernoulli_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     The same as ``BCE(s, sig(t)) - BCE(t, sig(t))``, forward and backward in ~0.75x the time: that took ~15 % of a
     CPU distillation step (the class logits' KL, 16 x 6300 x 80 of them at 320 px).
     """
-    # in float32 even under CUDA autocast (a custom Function is not cast; BCE was): fp16 would round sig(s) - q
-    return _BernoulliKL.apply(s.float(), t.detach().float())
+    # at least float32 under CUDA autocast too (a custom Function is not cast; BCE was): fp16 would round sig(s) - q
+    dtype = torch.promote_types(s.dtype, torch.float32)
+    return _BernoulliKL.apply(s.to(dtype), t.detach().to(dtype))
