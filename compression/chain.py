@@ -12,6 +12,7 @@ sees; the val split is evaluated only for the figures the report gives.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -92,8 +93,9 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
     last) ``cfg.round_steps`` of distillation, then recover with ``cfg.kd_steps`` (best checkpoint on ``holdout``).
 
     Returns ``(student, {"prune": ..., "distill": ...})``, the report's stage fields. ``train`` is the train split
-    without the held-out images: reconstruction, sensitivity and distillation read only it. ``on_stage("distill")``
-    is called when the main recovery starts.
+    without the held-out images: reconstruction, sensitivity and distillation read only it. With ``holdout`` each
+    round's record gives its mAP50-95 there right after pruning and after reconstruction (figures, not choices).
+    ``on_stage("distill")`` is called when the main recovery starts.
     """
     t0 = time.perf_counter()
     pcfg = cfg.prune_config()
@@ -110,17 +112,26 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
     round_cfg = dataclasses.replace(cfg.distill_config(), steps=cfg.round_steps, evals=0)
     rounds: list[dict] = []
 
+    def holdout_map(student) -> float:  # on a copy: evaluation moves a model to the device and into eval mode
+        return evaluate(copy.deepcopy(student), holdout, imgsz, batch=round_cfg.batch, device=round_cfg.device,
+                        progress=False).mAP50_95
+
     def recover(student, structure, step):
+        record = {}
+        if holdout is not None:  # the frontier's figures: what pruning alone leaves, and what reconstruction adds
+            record["mAP50_95_pruned"] = holdout_map(student)
         r0 = time.perf_counter()
         if recon is not None:
             reconstruct_(student, teacher, recon, structure.kept, progress=progress)
         r1 = time.perf_counter()
+        if recon is not None and holdout is not None:
+            record["mAP50_95_reconstructed"] = holdout_map(student)
         # after the last round the main recovery trains: a short run before it only lowered its start (held-out
         # mAP50-95 0.164 -> 0.147 at sparsity 0.2, lowrank)
         res = DistillResult()
         if step < cfg.prune_rounds:
             student, res = distill(student, teacher, train, round_cfg, imgsz, kept=structure.kept, progress=progress)
-        rounds.append({"recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
+        rounds.append({**record, "recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
         return student
 
     student, pruned = prune(teacher, pcfg, imgsz, images, recover=recover, progress=progress)

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from compression.chain import make_student
 from compression.config import STAGE_KEYS, TrialConfig, _TrialKeys, build_config, parse_sets
 from compression.distill import DistillConfig
+from compression.data import holdout_split, load_data_config
 from compression.errors import UserError
 from compression.prune import PruneConfig
 from compression.quantize import QuantConfig, int8_weight_count
@@ -47,12 +49,29 @@ def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
     assert report["macs_ratio"] == pytest.approx(0.75, abs=0.02) and len(report["stages"]["prune"]["rounds"]) == 2
     # a short distillation between rounds; after the last one the main recovery trains
     assert [r["recover"]["steps"] for r in report["stages"]["prune"]["rounds"]] == [1, 0]
+    # each round's held-out mAP right after pruning; lowrank does not reconstruct, so no figure for that
+    assert all(0 <= r["recover"]["mAP50_95_pruned"] <= 1 and "mAP50_95_reconstructed" not in r["recover"]
+               for r in report["stages"]["prune"]["rounds"])
     assert [e["step"] for e in report["stages"]["distill"]["evals"]] == [1, 2]
     assert [(e["stage"], e["step"]) for e in report["evals"]] == [("distill", 1), ("distill", 2)]
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"default", "mAP50_95", "mAP50", "latency_ms", "size_mb", "params", "macs", "speedup",
             "compression"} <= set(final) and final == report["final"]
     assert report["stages"]["prune"]["seconds"] > 0 and (tmp_path / "model.onnx").is_file()
+
+
+def test_the_student_before_recovery_is_measured_on_held_out_images(tiny_yolov5, tiny_data):
+    data = load_data_config(tiny_data, ("train", "val"))
+    train, holdout = holdout_split(data, 2)
+    cfg = build_config(parse_sets(["sparsity=0.25", "prune_method=channels", "kd_steps=1", "batch=2", "crop=32",
+                                   "recon_images=4", "device=cpu"]))
+    _, stages = make_student(tiny_yolov5, train, holdout, 64, cfg, progress=False)
+    (record,) = stages["prune"]["rounds"]
+    # after reconstruction the recovery starts: its start is the same model on the same images
+    assert 0 <= record["recover"]["mAP50_95_pruned"] <= 1
+    assert record["recover"]["mAP50_95_reconstructed"] == stages["distill"]["start_mAP50_95"]
+    _, stages = make_student(tiny_yolov5, train, None, 64, cfg, progress=False)  # no held-out images, no figures
+    assert not {"mAP50_95_pruned", "mAP50_95_reconstructed"} & set(stages["prune"]["rounds"][0]["recover"])
 
 
 def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_path, env):
