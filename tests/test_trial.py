@@ -8,8 +8,8 @@ import pytest
 
 from compression.chain import make_student
 from compression.config import STAGE_KEYS, TrialConfig, _TrialKeys, build_config, parse_sets
-from compression.distill import DistillConfig
 from compression.data import holdout_split, load_data_config
+from compression.distill import DistillConfig
 from compression.errors import UserError
 from compression.evaluate import evaluate
 from compression.prune import PruneConfig
