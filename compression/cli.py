@@ -39,7 +39,8 @@ def _benchmark(args) -> dict:
         result.update(baseline_latency_ms=base.latency_ms, baseline_p90_ms=base.p90_ms, baseline_size_mb=base.size_mb,
                       baseline_imgsz=base.imgsz, latency_ratio=res.latency_ms / base.latency_ms,
                       latency_ratio_interval=[lo, hi], speedup=base.latency_ms / res.latency_ms,
-                      size_ratio=res.size_mb / base.size_mb)
+                      size_ratio=res.size_mb / base.size_mb,
+                      latency_state={"sd": base.state_sd, "runs": base.state_runs})
     else:
         res = benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads)
         result = {k: v for k, v in asdict(res).items() if k != "blocks"}

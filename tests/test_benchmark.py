@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from compression.benchmark import BenchResult, benchmark, benchmark_pair, count_params_and_macs, ratio_interval
+from compression.benchmark import (BenchResult, benchmark, benchmark_pair, count_params_and_macs, ratio_interval,
+                                   with_machine_state)
 from compression.errors import UserError
 from compression.export import export_onnx
 from conftest import record_feeds
@@ -26,6 +27,7 @@ def test_benchmark_refuses_too_few_runs_and_missing_file(tmp_path):
 
 
 def test_pair_times_each_file_at_its_own_size_and_gives_a_rerun_interval(tiny_yolov5, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
     small = export_onnx(tiny_yolov5, 64, tmp_path / "small.onnx").onnx_path
     large = export_onnx(tiny_yolov5, 160, tmp_path / "large.onnx").onnx_path
     fed = record_feeds(monkeypatch)
@@ -42,6 +44,31 @@ def test_pair_times_each_file_at_its_own_size_and_gives_a_rerun_interval(tiny_yo
                                                     for k, b in enumerate(base.blocks)]})
     lo2, hi2 = ratio_interval(res, drift)
     assert hi2 / lo2 > hi / lo
+    assert base.state_runs == 0  # the baseline's first run here: no machine state known yet
+
+
+def timed(ms: float, ratio: float, threads: int = 2) -> tuple[BenchResult, BenchResult]:
+    """A model and a baseline run of 5 session pairs whose ratio barely moves within the run (a quiet run)."""
+    blocks = [[ms * (1 + 0.002 * k)] * 10 for k in range(5)]
+    base = BenchResult(ms, ms, threads, 7.5, 50, blocks=blocks)
+    return BenchResult(ms * ratio, ms * ratio, threads, 2.2, 50, blocks=[[t * ratio for t in b] for b in blocks]), base
+
+
+def test_the_interval_learns_the_machines_state_from_the_baselines_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
+    baseline = tmp_path / "fp32.onnx"
+    baseline.write_bytes(b"any file: the log is keyed by its path, size and time")
+    # as measured on 2 shared cores: minutes with the FP32 file at 12.2 ms and the ratio 0.47, then 16.2 ms and 0.40
+    runs = [timed(12.2, 0.47), timed(12.4, 0.47), timed(16.2, 0.40)]
+    states = [with_machine_state(baseline, base) for _, base in runs]
+    assert [s.state_runs for s in states] == [0, 0, 3] and states[1].state_sd == 0
+    model, base = runs[2]
+    quiet = ratio_interval(model, base)  # the run alone: it never saw the other state
+    assert not quiet[0] <= 0.47 <= quiet[1]
+    lo, hi = ratio_interval(model, states[2])
+    assert lo <= 0.47 <= hi and lo <= 0.40 <= hi  # a re-run in either state
+    # the log is per file, host and thread count: on one thread nothing is known yet
+    assert with_machine_state(baseline, timed(30.0, 0.5, threads=1)[1]).state_runs == 0
 
 
 def test_pair_refuses_a_size_that_the_files_do_not_have(tiny_yolov5, tmp_path):

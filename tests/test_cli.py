@@ -17,7 +17,8 @@ def tiny_pt(tiny_yolov5, tmp_path_factory):
     return write_yolov5_checkpoint(tiny_yolov5, tmp_path_factory.mktemp("cli") / "tiny.pt")
 
 
-def test_export_evaluate_benchmark_end_with_one_json_line(tiny_pt, tiny_data, tmp_path):
+def test_export_evaluate_benchmark_end_with_one_json_line(tiny_pt, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))  # the benchmark logs the baseline's runs
     out = tmp_path / "m.onnx"
     r = run_cli("export", "--weights", tiny_pt, "--imgsz", 64, "--out", out)
     assert r.returncode == 0, r.stderr
@@ -33,6 +34,7 @@ def test_export_evaluate_benchmark_end_with_one_json_line(tiny_pt, tiny_data, tm
     assert set(result) >= {"latency_ms", "p90_ms", "threads", "size_mb", "speedup", "imgsz", "baseline_imgsz"}
     lo, hi = result["latency_ratio_interval"]
     assert lo <= result["latency_ratio"] <= hi and "blocks" not in result
+    assert result["latency_state"] == {"sd": 0.0, "runs": 0}  # the baseline's first run on this machine
     assert "benchmark" in r.stderr  # the progress bar
 
 
