@@ -166,7 +166,7 @@ def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult
     :data:`STATE_RUNS` runs on this host (``state_sd``; 0 below 3 runs).
 
     Why: a shared machine moves between states for minutes at a time (here, 2 cores: the FP32 YOLOv5n file at 640
-    timed 12.2-12.8 ms for some minutes and 15.9-16.6 ms for the next ones, and the INT8/FP32 ratio of one pair
+    timed 12.2-12.8 ms for some minutes and 15.8-17.2 ms later on, and the INT8/FP32 ratio of one pair
     of files 0.47 and then 0.40), which no run sees from within. The baseline is timed in every trial, so its own
     history shows how far the state moves. One JSON line per run, appended (whole lines on a local disk).
     """
@@ -174,7 +174,12 @@ def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(json.dumps({"time": time.time(), "latency_ms": result.latency_ms}) + "\n")
-    times = [json.loads(line)["latency_ms"] for line in log.read_text().splitlines()[-STATE_RUNS:]]
+    times = []
+    for line in log.read_text().splitlines()[-STATE_RUNS:]:
+        try:
+            times.append(float(json.loads(line)["latency_ms"]))
+        except (ValueError, KeyError, TypeError):  # a line two writers interleaved (a shared disk): not a run
+            continue
     spread = float(np.std(np.log(times), ddof=1)) if len(times) >= 3 else 0.0
     return BenchResult(**{**vars(result), "state_sd": spread, "state_runs": len(times) if len(times) >= 3 else 0})
 

@@ -69,6 +69,11 @@ def test_the_interval_learns_the_machines_state_from_the_baselines_runs(tmp_path
     assert lo <= 0.47 <= hi and lo <= 0.40 <= hi  # a re-run in either state
     # the log is per file, host and thread count: on one thread nothing is known yet
     assert with_machine_state(baseline, timed(30.0, 0.5, threads=1)[1]).state_runs == 0
+    # a line that two writers interleaved is no run
+    logs = sorted((tmp_path / "cache" / "latency").glob("*.jsonl"), key=lambda f: len(f.read_text()))
+    with open(logs[-1], "a") as f:
+        f.write('{"time": 1, "latency_ms": 12.3{"time": 2, "lat\n')
+    assert with_machine_state(baseline, runs[0][1]).state_runs == 4
 
 
 def test_pair_refuses_a_size_that_the_files_do_not_have(tiny_yolov5, tmp_path):
