@@ -190,9 +190,10 @@ def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.9
     From the spread of the ratio between the run's session pairs (``blocks``): a prediction interval for the
     difference of two means of as many pairs (ours and the re-run's), on the log scale, with Student's t for the
     few pairs; plus the machine's state (``baseline.state_sd``, :func:`with_machine_state`), which a re-run may find
-    elsewhere: twice its variance (two runs, two draws). The baseline's own spread bounds the ratio's as long as
-    the model slows down with the machine by no more than twice as much as the baseline does (log scale), so this
-    part errs wide (in the example above the ratio moved by 0.16, the baseline by 0.28).
+    elsewhere: twice its variance (two runs, two draws); the two half-widths add in quadrature (independent errors).
+    The baseline's own spread bounds the ratio's as long as the model slows down with the machine by no more than
+    twice as much as the baseline does (log scale), so this part errs wide (in the example above the ratio moved
+    by 0.16, the baseline by 0.28).
     """
     from scipy import stats
 
@@ -202,5 +203,7 @@ def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.9
     logs = np.log([np.median(a) / np.median(b) for a, b in pairs])
     k = len(logs)
     est = np.log(model.latency_ms / baseline.latency_ms)
-    half = stats.t.ppf(0.5 + level / 2, k - 1) * (logs.var(ddof=1) * 2 / k + 2 * baseline.state_sd ** 2) ** 0.5
+    within = stats.t.ppf(0.5 + level / 2, k - 1) * logs.std(ddof=1) * (2 / k) ** 0.5
+    state = stats.norm.ppf(0.5 + level / 2) * 2 ** 0.5 * baseline.state_sd  # from up to STATE_RUNS runs: normal
+    half = (within ** 2 + state ** 2) ** 0.5
     return float(np.exp(est - half)), float(np.exp(est + half))

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compression.quantize import concat_groups
+
 QMAX = 255  # uint8 activations
 
 
@@ -216,15 +218,21 @@ def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor)
         # module of those that produce it (a Conv block's output is its activation's)
         module = min(found, key=lambda en: (en[0] > 2 * min(found)[0] + 1e-7, -en[1].count(".")))[1]
         points.setdefault(module, []).append(t)
-    quantizers = nn.ModuleDict()
+    # One quantizer for the tensors of a Concat group that the file quantizes alike: trained apart, their ranges
+    # would drift apart, and the export (one range a group, their union) would then quantize coarser than trained.
+    group_of = {t: g for g, members in enumerate(concat_groups(fp32_graph, set(acts))) for t in members}
+    quantizers, shared = nn.ModuleDict(), {}
     modules = dict(model.named_modules())
     for i, (module, tensors) in enumerate(points.items()):
         quantized = [t for t in tensors if t in acts]
         if not quantized:
             continue
-        scale, zp = acts[quantized[0]]
-        q = ActQuant(scale, zp, quantized)
-        quantizers[f"p{i}"] = q
+        key = (group_of.get(quantized[0], f"alone{i}"), *acts[quantized[0]])
+        if key in shared:
+            q = shared[key]
+            q.tensors += quantized
+        else:
+            q = shared[key] = quantizers[f"p{i}"] = ActQuant(*acts[quantized[0]], quantized)
         modules[module].register_forward_hook(q.output_hook)
     if input_name in acts:
         q = ActQuant(*acts[input_name], [input_name])
