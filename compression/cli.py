@@ -29,13 +29,16 @@ def _evaluate(args) -> dict:
     return asdict(evaluate(args.model, args.data, args.imgsz, batch=args.batch, device=args.device))
 
 
+RUN_DETAILS = ("blocks", "state_sd", "state_runs")  # timings per session pair; the machine state: latency_state
+
+
 def _benchmark(args) -> dict:
     from compression.benchmark import benchmark, benchmark_pair, count_params_and_macs, ratio_interval
 
     if args.baseline:  # both in the same run, interleaved: the only fair latency ratio on a noisy machine
         res, base = benchmark_pair(args.model, args.baseline, args.imgsz, runs=args.runs, threads=args.threads)
         lo, hi = ratio_interval(res, base)
-        result = {k: v for k, v in asdict(res).items() if k != "blocks"}
+        result = {k: v for k, v in asdict(res).items() if k not in RUN_DETAILS}
         result.update(baseline_latency_ms=base.latency_ms, baseline_p90_ms=base.p90_ms, baseline_size_mb=base.size_mb,
                       baseline_imgsz=base.imgsz, latency_ratio=res.latency_ms / base.latency_ms,
                       latency_ratio_interval=[lo, hi], speedup=base.latency_ms / res.latency_ms,
@@ -43,7 +46,7 @@ def _benchmark(args) -> dict:
                       latency_state={"sd": base.state_sd, "runs": base.state_runs})
     else:
         res = benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads)
-        result = {k: v for k, v in asdict(res).items() if k != "blocks"}
+        result = {k: v for k, v in asdict(res).items() if k not in RUN_DETAILS}
     if args.weights:
         from compression.models import load_model
 
