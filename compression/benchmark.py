@@ -29,8 +29,8 @@ class BenchResult:
     macs: int | None = None
     imgsz: int | None = None  # input side timed
     blocks: list[list[float]] = field(default_factory=list, repr=False)  # benchmark_pair: timings per session pair (ms)
-    state_sd: float = 0.0  # benchmark_pair's baseline: spread of log(latency) over its runs on this machine
-    state_runs: int = 0  # how many runs (this one included) that spread is from; below 3 it is 0
+    state_sd: float = 0.0  # benchmark_pair's baseline: spread of log(latency) between runs on this machine
+    state_runs: int = 0  # how many logged runs that spread is from (this host, these threads); 0 when none
 
 
 def count_params_and_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
@@ -151,37 +151,52 @@ def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: int | None = 
     return results[0], with_machine_state(baseline, results[1])
 
 
-STATE_RUNS = 50  # the baseline's latest runs on this machine from which its state's spread is read
+STATE_RUNS = 50  # each baseline file's latest runs on this machine from which the state's spread is read
 
 
 def _state_log(baseline: str | Path, threads: int) -> Path:
-    """Where the medians of one baseline file, timed on this host with ``threads`` threads, are kept (JSON lines)."""
+    """Where the medians of one baseline file, timed on this host with ``threads`` threads, are kept (JSON lines):
+    one folder per host and thread count, one file per baseline file in it."""
     st = Path(baseline).stat()
-    key = json.dumps([str(Path(baseline).resolve()), st.st_size, st.st_mtime_ns, threads, socket.gethostname()])
-    return cache_dir() / "latency" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl"
+    machine = json.dumps([threads, socket.gethostname()])
+    key = json.dumps([str(Path(baseline).resolve()), st.st_size, st.st_mtime_ns])
+    return (cache_dir() / "latency" / hashlib.sha1(machine.encode()).hexdigest()[:16]
+            / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl")
 
 
-def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult:
-    """Log ``result``'s median for ``baseline`` and return it with the spread of log(latency) over the file's last
-    :data:`STATE_RUNS` runs on this host (``state_sd``; 0 below 3 runs).
-
-    Why: a shared machine moves between states for minutes at a time (here, 2 cores: the FP32 YOLOv5n file at 640
-    timed 12.2-12.8 ms for some minutes and 15.8-17.2 ms later on, and the INT8/FP32 ratio of one pair
-    of files 0.47 and then 0.40), which no run sees from within. The baseline is timed in every trial, so its own
-    history shows how far the state moves. One JSON line per run, appended (whole lines on a local disk).
-    """
-    log = _state_log(baseline, result.threads)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(json.dumps({"time": time.time(), "latency_ms": result.latency_ms}) + "\n")
+def _log_latencies(log: Path) -> np.ndarray:
+    """log(latency) of the last :data:`STATE_RUNS` runs in one state log."""
     times = []
     for line in log.read_text().splitlines()[-STATE_RUNS:]:
         try:
             times.append(float(json.loads(line)["latency_ms"]))
         except (ValueError, KeyError, TypeError):  # a line two writers interleaved (a shared disk): not a run
             continue
-    spread = float(np.std(np.log(times), ddof=1)) if len(times) >= 3 else 0.0
-    return BenchResult(**{**vars(result), "state_sd": spread, "state_runs": len(times) if len(times) >= 3 else 0})
+    return np.log(times)
+
+
+def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult:
+    """Log ``result``'s median for ``baseline`` and return it with the spread of log(latency) between the runs of
+    each baseline file timed on this host with the same threads (``state_sd``: pooled over those files, each about
+    its own mean, from their last :data:`STATE_RUNS` runs; 0 below 3 runs with 2 degrees of freedom).
+
+    Why: a shared machine moves between states for minutes at a time (here, 2 cores: the FP32 YOLOv5n file at 640
+    timed 12.2-12.8 ms for some minutes and 15.8-17.2 ms later on, and the INT8/FP32 ratio of one pair
+    of files 0.47 and then 0.40), which no run sees from within. The baseline is timed in every trial, so its own
+    history shows how far the state moves; the state is the machine's, so a baseline file timed here for the first
+    time (new weights, another base size) starts from what the others showed. One JSON line per run, appended
+    (whole lines on a local disk).
+    """
+    log = _state_log(baseline, result.threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(json.dumps({"time": time.time(), "latency_ms": result.latency_ms}) + "\n")
+    groups = [g for g in map(_log_latencies, sorted(log.parent.glob("*.jsonl"))) if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in groups)
+    if dof < 2:
+        return BenchResult(**{**vars(result), "state_sd": 0.0, "state_runs": 0})
+    spread = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof))
+    return BenchResult(**{**vars(result), "state_sd": spread, "state_runs": sum(len(g) for g in groups)})
 
 
 def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.95) -> tuple[float, float]:

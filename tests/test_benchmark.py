@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compression.benchmark import (BenchResult, benchmark, benchmark_pair, count_params_and_macs, ratio_interval,
@@ -70,10 +71,31 @@ def test_the_interval_learns_the_machines_state_from_the_baselines_runs(tmp_path
     # the log is per file, host and thread count: on one thread nothing is known yet
     assert with_machine_state(baseline, timed(30.0, 0.5, threads=1)[1]).state_runs == 0
     # a line that two writers interleaved is no run
-    logs = sorted((tmp_path / "cache" / "latency").glob("*.jsonl"), key=lambda f: len(f.read_text()))
+    logs = sorted((tmp_path / "cache" / "latency").rglob("*.jsonl"), key=lambda f: len(f.read_text()))
     with open(logs[-1], "a") as f:
         f.write('{"time": 1, "latency_ms": 12.3{"time": 2, "lat\n')
     assert with_machine_state(baseline, runs[0][1]).state_runs == 4
+
+
+def test_a_baseline_timed_here_for_the_first_time_starts_from_the_states_the_machine_showed(tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
+    old, new = tmp_path / "old.onnx", tmp_path / "new.onnx"
+    old.write_bytes(b"the FP32 file at 640 that earlier trials timed")
+    new.write_bytes(b"another base size: about half the latency, the same machine")
+    for _, base in (timed(12.2, 0.47), timed(12.4, 0.47), timed(16.2, 0.40)):
+        with_machine_state(old, base)
+    model, base = timed(6.1, 0.47)  # the new file's first run, in the fast state
+    state = with_machine_state(new, base)
+    assert state.state_runs == 3  # the old file's runs; the new one's single run shows no spread yet
+    lo, hi = ratio_interval(model, state)
+    assert lo <= 0.40 <= hi  # a re-run in the slow state
+    # each file's runs about its own mean: the new file's lower latency is no spread
+    again = with_machine_state(new, timed(6.2, 0.47)[1])
+    assert again.state_runs == 5
+    assert again.state_sd == pytest.approx(float(np.sqrt((np.var(np.log([12.2, 12.4, 16.2]), ddof=1) * 2
+                                                          + np.var(np.log([6.1, 6.2]), ddof=1)) / 3)))
+    # other thread counts keep their own logs
+    assert with_machine_state(new, timed(6.1, 0.47, threads=1)[1]).state_runs == 0
 
 
 def test_pair_refuses_a_size_that_the_files_do_not_have(tiny_yolov5, tmp_path):
