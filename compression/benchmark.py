@@ -178,7 +178,8 @@ def _log_latencies(log: Path) -> np.ndarray:
 def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult:
     """Log ``result``'s median for ``baseline`` and return it with the spread of log(latency) between the runs of
     each baseline file timed on this host with the same threads (``state_sd``: pooled over those files, each about
-    its own mean, from their last :data:`STATE_RUNS` runs; 0 below 3 runs with 2 degrees of freedom).
+    its own mean, from their last :data:`STATE_RUNS` runs; 0 until they give 2 degrees of freedom, e.g. 3 runs of
+    one file).
 
     Why: a shared machine moves between states for minutes at a time (here, 2 cores: the FP32 YOLOv5n file at 640
     timed 12.2-12.8 ms for some minutes and 15.8-17.2 ms later on, and the INT8/FP32 ratio of one pair
