@@ -24,7 +24,8 @@ STAGE_KEYS: dict[type, dict[str, str]] = {
                     "kd_feature": "kd_feature", "kd_images": "kd_images", "crop": "crop", "lr": "lr",
                     "optimizer": "optimizer", "freeze_bn": "freeze_bn", "batch": "batch", "mosaic": "mosaic",
                     "device": "device", "seed": "seed"},
-    QuantConfig: {"quant_granularity": "granularity", "calib_method": "calib_method", "calib_images": "calib_images",
+    QuantConfig: {"quant_granularity": "granularity", "calib_method": "calib_method",
+                  "calib_percentile": "calib_percentile", "calib_images": "calib_images",
                   "max_int8_drop": "max_int8_drop", "int8_fallback": "fallback", "silu_floor": "silu_floor",
                   "seed": "seed"},
 }

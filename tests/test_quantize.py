@@ -363,7 +363,10 @@ def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32
     model, path = fp32
     # every convolution with uint8 weights (a fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime
     # computes what the fake quantization does on any CPU (pair-safe weights: test_qat_int8_weights_are_the_...)
-    cfg = QuantConfig(fallback_rounds=0, fallback="uint8_weights")
+    # The calibration the output comparison below was measured with: the twin's error is ~1e-4 at any percentile,
+    # but the file's distance from FP32, which it is compared with, moves with the ranges (tiny ultralytics model:
+    # twin/FP32 error 0.62-0.90 over percentiles 99.99-100), and the default percentile is not what this tests.
+    cfg = QuantConfig(fallback_rounds=0, fallback="uint8_weights", calib_percentile=99.999)
     graph = ptq_graph(path)[0]
     convs = conv_nodes(graph)
     ptq(path, tmp_path / "ptq.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5, progress=False, fallback=convs)
@@ -513,6 +516,21 @@ def check_qat_weights_are_the_files(fp32, calib, tmp_path, how):
     assert (diff <= 1.001 * step + 1e-7).all() and (diff <= 1e-6 + 1e-5 * np.abs(w_file)).mean() > 0.995
 
 
+def test_the_calibration_percentile_sets_the_activation_ranges(fp32, calib, tmp_path):
+    from onnx import numpy_helper
+
+    total = {}
+    for pct in (90.0, 100.0):
+        path = tmp_path / f"p{pct}.onnx"
+        ptq(fp32[1], path, calib.numpy(), QuantConfig(calib_percentile=pct, silu_floor=False, share_concat_ranges=False),
+            lambda p: 0.0, fp32_map=0.0, progress=False)
+        q = onnx.load(str(path))
+        inits = {i.name: i for i in q.graph.initializer}
+        total[pct] = sum(float(numpy_helper.to_array(inits[n.input[1]])) for n in q.graph.node
+                         if n.op_type == "QuantizeLinear" and n.input[1] in inits)
+    assert 0 < total[90.0] < 0.95 * total[100.0]  # a tenth of each tensor's values left outside: narrower ranges
+
+
 def test_bad_quant_values_are_refused():
     with pytest.raises(ValueError, match="^granularity must be one of"):  # the field it has
         QuantConfig(granularity="per_layer")
@@ -520,6 +538,8 @@ def test_bad_quant_values_are_refused():
         QuantConfig(calib_method="mse")
     with pytest.raises(ValueError, match="calib_images"):
         QuantConfig(calib_images=0)
+    with pytest.raises(ValueError, match="calib_percentile"):
+        QuantConfig(calib_percentile=50)
 
 
 @pytest.mark.slow
