@@ -321,8 +321,8 @@ def _quantize(src: Path, dst: Path, cache: Path, reader, cfg: QuantConfig, exclu
         str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=cfg.granularity == "per_channel",
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
         nodes_to_quantize=only, calibrate_method=method, calibration_cache_path=str(cache),
-        extra_options={"CalibMovingAverage": False, "CalibPercentile": cfg.calib_percentile, "CalibTensorRangeSymmetric": False,
-                       "TensorQuantOverrides": overrides,
+        extra_options={"CalibMovingAverage": False, "CalibPercentile": cfg.calib_percentile,
+                       "CalibTensorRangeSymmetric": False, "TensorQuantOverrides": overrides,
                        "CalibStridedMinMax": 1},  # one batch at a time (see ImageReader)
     )
     if not rewrite:
