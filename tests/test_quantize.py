@@ -522,8 +522,8 @@ def test_the_calibration_percentile_sets_the_activation_ranges(fp32, calib, tmp_
     total = {}
     for pct in (90.0, 100.0):
         path = tmp_path / f"p{pct}.onnx"
-        ptq(fp32[1], path, calib.numpy(), QuantConfig(calib_percentile=pct, silu_floor=False, share_concat_ranges=False),
-            lambda p: 0.0, fp32_map=0.0, progress=False)
+        cfg = QuantConfig(calib_percentile=pct, silu_floor=False, share_concat_ranges=False)
+        ptq(fp32[1], path, calib.numpy(), cfg, lambda p: 0.0, fp32_map=0.0, progress=False)
         q = onnx.load(str(path))
         inits = {i.name: i for i in q.graph.initializer}
         total[pct] = sum(float(numpy_helper.to_array(inits[n.input[1]])) for n in q.graph.node
