@@ -342,9 +342,15 @@ def _outputs(path: Path | str, images: np.ndarray) -> np.ndarray:
                            for i in range(0, len(images), 4)])
 
 
-def _relative_error(ref: np.ndarray, cand: np.ndarray, imgsz: int) -> float:
+def _box_scale(ref: np.ndarray, imgsz: int) -> np.ndarray:
+    """Per-channel weights of a decoded output: pixel boxes by 1 / imgsz (to the [0, 1] of the scores)."""
     scale = np.ones((1, ref.shape[1], 1), np.float32)
     scale[:, :4] = 1 / imgsz
+    return scale
+
+
+def _relative_error(ref: np.ndarray, cand: np.ndarray, imgsz: int) -> float:
+    scale = _box_scale(ref, imgsz)
     return float((((ref - cand) * scale) ** 2).mean() / ((ref * scale) ** 2).mean())
 
 
@@ -353,6 +359,30 @@ def output_error(reference: Path | str | np.ndarray, candidate: Path | str, imag
     ``reference`` may be its outputs on ``images`` already."""
     ref = reference if isinstance(reference, np.ndarray) else _outputs(reference, images)
     return _relative_error(ref, _outputs(candidate, images), imgsz)
+
+
+def file_output_errors(reference: Path | str, candidates: list[Path | str], files: list[Path], imgsz: int,
+                       batch: int = 8) -> list[float]:
+    """:func:`output_error` of each candidate against ``reference`` on image ``files`` (letterboxed at ``imgsz``),
+    read a batch at a time: a few hundred images at 640 px would take gigabytes at once.
+
+    Example:
+        >>> file_output_errors("fp32.onnx", ["ptq.onnx", "qat.onnx"], split_images(held, "val"), 448)
+    """
+    import torch
+
+    from compression.data import letterbox, read_image
+    from compression.runtime import onnx_session
+
+    sessions = [onnx_session(p) for p in (reference, *candidates)]
+    errors, total = np.zeros(len(candidates)), 0.0
+    for i in range(0, len(files), batch):
+        x = torch.cat([letterbox(read_image(f), imgsz) for f in files[i:i + batch]]).numpy()
+        ref, *outs = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
+        scale = _box_scale(ref, imgsz)
+        total += float(((ref * scale) ** 2).sum())
+        errors += [float((((ref - out) * scale) ** 2).sum()) for out in outs]
+    return [float(e / total) if total else 0.0 for e in errors]
 
 
 FALLBACK_CANDIDATES = 8  # the most sensitive convolutions (alone) the greedy fallback chooses from

@@ -7,7 +7,9 @@ from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
 from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
 from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, space_to_depth_stem_
-from compression.quantize import QuantConfig, concat_groups, int8_weight_count, pair_safe_range, ptq, ptq_graph
+from compression.data import letterbox, read_image
+from compression.quantize import (QuantConfig, concat_groups, file_output_errors, int8_weight_count, output_error,
+                                  pair_safe_range, ptq, ptq_graph)
 from compression.runtime import onnx_session
 from conftest import lively
 
@@ -238,6 +240,16 @@ def test_no_fallback_round_when_int8_is_close_enough(fp32, calib, tmp_path, monk
     res = ptq(fp32[1], tmp_path / "int8.onnx", calib.numpy(), cfg, evaluate_fn=lambda p: 0.45, fp32_map=0.5,
               progress=False)
     assert [r["fallback"] for r in res.rounds] == [[]] and res.fallback_nodes == []
+
+
+def test_output_errors_over_image_files_are_the_error_over_all_of_them(fp32, calib, tiny_data, tmp_path):
+    files = sorted((tiny_data.parent / "images" / "train").glob("*.jpg"))
+    int8 = tmp_path / "int8.onnx"
+    ptq(fp32[1], int8, calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.0, fp32_map=0.0, progress=False)
+    same, quantized = file_output_errors(fp32[1], [fp32[1], int8], files, IMGSZ, batch=3)  # batches of 3, 3 and 2
+    whole = output_error(fp32[1], int8, torch.cat([letterbox(read_image(f), IMGSZ) for f in files]).numpy(), IMGSZ)
+    assert same == 0.0 and len(files) == 8
+    assert quantized > 0 and quantized == pytest.approx(whole, rel=1e-4)
 
 
 def test_silu_floor_is_where_silu_is_within_half_a_step_of_zero():
