@@ -31,6 +31,7 @@ class BenchResult:
     blocks: list[list[float]] = field(default_factory=list, repr=False)  # benchmark_pair: timings per session pair (ms)
     state_sd: float = 0.0  # benchmark_pair's baseline: spread of log(latency) between runs on this machine
     state_runs: int = 0  # how many logged runs that spread is from (this host, these threads); 0 when none
+    state_dof: int = 0  # its degrees of freedom: the runs less one per baseline file
 
 
 def count_params_and_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
@@ -195,9 +196,10 @@ def with_machine_state(baseline: str | Path, result: BenchResult) -> BenchResult
     groups = [g for g in map(_log_latencies, sorted(log.parent.glob("*.jsonl"))) if len(g) >= 2]
     dof = sum(len(g) - 1 for g in groups)
     if dof < 2:
-        return BenchResult(**{**vars(result), "state_sd": 0.0, "state_runs": 0})
+        return BenchResult(**{**vars(result), "state_sd": 0.0, "state_runs": 0, "state_dof": 0})
     spread = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof))
-    return BenchResult(**{**vars(result), "state_sd": spread, "state_runs": sum(len(g) for g in groups)})
+    return BenchResult(**{**vars(result), "state_sd": spread, "state_runs": sum(len(g) for g in groups),
+                          "state_dof": dof})
 
 
 def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.95) -> tuple[float, float]:
@@ -206,7 +208,8 @@ def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.9
     From the spread of the ratio between the run's session pairs (``blocks``): a prediction interval for the
     difference of two means of as many pairs (ours and the re-run's), on the log scale, with Student's t for the
     few pairs; plus the machine's state (``baseline.state_sd``, :func:`with_machine_state`), which a re-run may find
-    elsewhere: twice its variance (two runs, two draws); the two half-widths add in quadrature (independent errors).
+    elsewhere: twice its variance (two runs, two draws), with Student's t for its degrees of freedom (``state_dof``:
+    a new host's first runs give few); the two half-widths add in quadrature (independent errors).
     The baseline's own spread bounds the ratio's as long as the model slows down with the machine by no more than
     twice as much as the baseline does (log scale), so this part errs wide (in the example above the ratio moved
     by 0.16, the baseline by 0.28).
@@ -220,6 +223,6 @@ def ratio_interval(model: BenchResult, baseline: BenchResult, level: float = 0.9
     k = len(logs)
     est = np.log(model.latency_ms / baseline.latency_ms)
     within = stats.t.ppf(0.5 + level / 2, k - 1) * logs.std(ddof=1) * (2 / k) ** 0.5
-    state = stats.norm.ppf(0.5 + level / 2) * 2 ** 0.5 * baseline.state_sd  # from up to STATE_RUNS runs: normal
+    state = stats.t.ppf(0.5 + level / 2, max(baseline.state_dof, 1)) * 2 ** 0.5 * baseline.state_sd
     half = (within ** 2 + state ** 2) ** 0.5
     return float(np.exp(est - half)), float(np.exp(est + half))

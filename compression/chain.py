@@ -216,7 +216,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
               "data": data["yaml_file"], "imgsz": base_imgsz, "deploy_imgsz": imgsz, "bench_threads": speed.threads,
               **compare(result, base, ratio_interval(speed, base_speed)),
-              "latency_state": {"sd": base_speed.state_sd, "runs": base_speed.state_runs}, "selection": selection,
+              "latency_state": {"sd": base_speed.state_sd, "runs": base_speed.state_runs,
+                                "dof": base_speed.state_dof}, "selection": selection,
               "evals": evals, "stages": stages}
     if score_fn:
         report["final"] = score_fn(report)

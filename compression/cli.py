@@ -29,7 +29,8 @@ def _evaluate(args) -> dict:
     return asdict(evaluate(args.model, args.data, args.imgsz, batch=args.batch, device=args.device))
 
 
-RUN_DETAILS = ("blocks", "state_sd", "state_runs")  # timings per session pair; the machine state: latency_state
+# timings per session pair; the machine state (the report's latency_state)
+RUN_DETAILS = ("blocks", "state_sd", "state_runs", "state_dof")
 
 
 def _benchmark(args) -> dict:
@@ -43,7 +44,8 @@ def _benchmark(args) -> dict:
                       baseline_imgsz=base.imgsz, latency_ratio=res.latency_ms / base.latency_ms,
                       latency_ratio_interval=[lo, hi], speedup=base.latency_ms / res.latency_ms,
                       size_ratio=res.size_mb / base.size_mb,
-                      latency_state={"sd": base.state_sd, "runs": base.state_runs})
+                      latency_state={"sd": base.state_sd, "runs": base.state_runs,
+                                     "dof": base.state_dof})
     else:
         res = benchmark(args.model, args.imgsz, runs=args.runs, threads=args.threads)
         result = {k: v for k, v in asdict(res).items() if k not in RUN_DETAILS}

@@ -91,7 +91,7 @@ def test_a_baseline_timed_here_for_the_first_time_starts_from_the_states_the_mac
     assert lo <= 0.40 <= hi  # a re-run in the slow state
     # each file's runs about its own mean: the new file's lower latency is no spread
     again = with_machine_state(new, timed(6.2, 0.47)[1])
-    assert again.state_runs == 5
+    assert again.state_runs == 5 and again.state_dof == 3  # 5 runs of 2 files, each about its own mean
     assert again.state_sd == pytest.approx(float(np.sqrt((np.var(np.log([12.2, 12.4, 16.2]), ddof=1) * 2
                                                           + np.var(np.log([6.1, 6.2]), ddof=1)) / 3)))
     # other thread counts keep their own logs
@@ -104,3 +104,13 @@ def test_pair_refuses_a_size_that_the_files_do_not_have(tiny_yolov5, tmp_path):
         benchmark_pair(path, path, imgsz=96, runs=30)
     with pytest.raises(UserError, match="sessions must be in 1..6"):
         benchmark_pair(path, path, runs=30, sessions=7)
+
+
+def test_a_state_spread_from_few_runs_widens_the_interval_by_students_t():
+    model, base = timed(12.2, 0.47)
+    few, many = (BenchResult(**{**vars(base), "state_sd": 0.1, "state_dof": d}) for d in (2, 10000))
+    (lo_few, hi_few), (lo_many, hi_many) = ratio_interval(model, few), ratio_interval(model, many)
+    within = np.log(ratio_interval(model, base)[1] / 0.47)  # this run's own half-width (log scale)
+    for (lo, hi), q in (((lo_many, hi_many), 1.960), ((lo_few, hi_few), 4.303)):  # t(0.975) at 10000 and 2 dof
+        assert np.log(hi / 0.47) == pytest.approx((within ** 2 + (q * 2 ** 0.5 * 0.1) ** 2) ** 0.5, rel=1e-3)
+        assert np.log(0.47 / lo) == pytest.approx(np.log(hi / 0.47), rel=1e-6)

@@ -34,7 +34,7 @@ def test_export_evaluate_benchmark_end_with_one_json_line(tiny_pt, tiny_data, tm
     assert set(result) >= {"latency_ms", "p90_ms", "threads", "size_mb", "speedup", "imgsz", "baseline_imgsz"}
     lo, hi = result["latency_ratio_interval"]
     assert lo <= result["latency_ratio"] <= hi and "blocks" not in result and "state_sd" not in result
-    assert result["latency_state"] == {"sd": 0.0, "runs": 0}  # the baseline's first run on this machine
+    assert result["latency_state"] == {"sd": 0.0, "runs": 0, "dof": 0}  # the baseline's first run on this machine
     assert "benchmark" in r.stderr  # the progress bar
 
 
