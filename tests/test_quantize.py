@@ -3,11 +3,11 @@ import onnx
 import pytest
 import torch
 
+from compression.data import letterbox, read_image
 from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
 from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
 from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, space_to_depth_stem_
-from compression.data import letterbox, read_image
 from compression.quantize import (QuantConfig, concat_groups, file_output_errors, int8_weight_count, output_error,
                                   pair_safe_range, ptq, ptq_graph)
 from compression.runtime import onnx_session
