@@ -38,11 +38,12 @@ from compression.measure import Measurement, baseline, baseline_map
 from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
-from compression.quantize import file_output_errors, ptq, ptq_graph
+from compression.quantize import file_output_errors, output_errors, ptq, ptq_graph
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
 STUDENT_VERSION = 6  # bump when pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
+QAT_ERROR_IMAGES = 64  # held-out images on which QAT's checkpoints are compared (its file and PTQ's: all of them)
 
 
 def _file_key(path: str | Path) -> list:
@@ -286,13 +287,14 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
                    imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool) -> dict:
     """PTQ of ``fp32_path`` into ``model_path``; with ``qat_epochs``, then QAT of ``student`` from that PTQ file.
 
-    QAT trains the fake-quantized twin of the PTQ file (:func:`compression.qat.prepare_qat`) and ships its INT8
-    export only if that file's output is closer than the PTQ file's to the unpruned FP32 model's (what QAT distils
-    towards) on the held-out train images (``holdout``; the train split itself when none are held out), never on
-    val. Both files' mAP50-95 there is recorded, but does not choose: on a few hundred images files of equal merit
-    differ by up to 0.01 (YOLOv5n at 448, coco1k: QAT files 4-11x closer to FP32 than their PTQ files scored
-    -0.0014..+0.011 against them on 253 held-out images, +0.003..+0.010 on val). The fallback's drop check and its
-    choice of round read the same images."""
+    QAT trains the fake-quantized twin of the PTQ file (:func:`compression.qat.prepare_qat`), keeps the checkpoint
+    (or the untrained twin) whose output is closest to the unpruned FP32 model's (what QAT distils towards) on
+    ``QAT_ERROR_IMAGES`` held-out train images, and ships its INT8 export only if that file's output is closer than
+    the PTQ file's to the FP32 model's on all the held-out images (``holdout``; the train split itself when none are
+    held out), never on val. mAP50-95 there is recorded for the checkpoints and both files, but does not choose:
+    on a few hundred images files of equal merit differ by up to 0.01 (YOLOv5n at 448, coco1k: QAT files 4-11x
+    closer to FP32 than their PTQ files scored -0.0014..+0.011 against them on 253 held-out images, +0.003..+0.010
+    on val). The fallback's drop check and its choice of round read the same images."""
     qcfg = cfg.quant_config()
     images = train_images(train, qcfg.calib_images, imgsz, cfg.seed)
     chosen_on = "holdout" if holdout else "train"
@@ -311,12 +313,14 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
         ptq_map = shipped.rounds[-1]["mAP50_95"]  # the round ptq shipped
         qmodel, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
         steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
+        twin_error = output_error_of(teacher, split_images(choose_on, "val")[:QAT_ERROR_IMAGES], imgsz)
         qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz,
-                                  holdout=holdout, on_eval=lambda r: on_eval("qat", r), progress=progress)
+                                  holdout=holdout, on_eval=lambda r: on_eval("qat", r), progress=progress,
+                                  output_error=twin_error)
         qat = {"qat": asdict(trained), "matched": matched, "ptq_mAP50_95": ptq_map, "qat_mAP50_95": None,
                "ptq_output_error": None, "qat_output_error": None}
         method, best_path = "ptq", ptq_path
-        if trained.best_step > 0:  # a trained checkpoint beat the PTQ file's twin: export it and compare the files
+        if trained.best_step > 0:  # a trained checkpoint came closer than the PTQ file's twin: compare the files
             ranges = learned_ranges(qmodel)
             export_onnx(strip_qat_(qmodel), imgsz, qat_fp32)
             res = ptq(qat_fp32, qat_path, images.numpy(), qcfg, eval_fn, fp32_map=shipped.fp32_mAP50_95,
@@ -332,3 +336,18 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
                 method, best_path, shipped = "qat", qat_path, res
         copy_atomic(best_path, model_path)
     return {**asdict(shipped), **qat, "method": method, "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}
+
+
+def output_error_of(reference: torch.nn.Module, files: list[Path], imgsz: int) -> Callable[[torch.nn.Module], float]:
+    """A function of a model: the :func:`compression.quantize.output_errors` of its decoded output against
+    ``reference``'s on image ``files`` at ``imgsz``, both run on the model's device."""
+    reference = copy.deepcopy(reference).eval()
+
+    def error(model: torch.nn.Module) -> float:
+        device = next(model.parameters()).device
+        runs = [lambda x, m=m: m(torch.from_numpy(x).to(device)).float().cpu().numpy()
+                for m in (reference.to(device), model.eval())]
+        with torch.inference_mode():
+            return output_errors(runs, files, imgsz)[0]
+
+    return error

@@ -90,6 +90,7 @@ class DistillResult:
     evals: list[dict] = field(default_factory=list)  # per held-out evaluation: step, loss, mAP50, mAP50_95, seconds
     best_step: int = 0  # 0 = the untrained input stayed best
     start_mAP50_95: float | None = None  # held-out mAP of the input, before training
+    start_output_error: float | None = None  # the input's output error, when checkpoints are chosen by it
     steps: int = 0
     images: int = 0  # training images seen (labeled and unlabeled)
     skipped_steps: int = 0  # steps whose loss or gradient was not finite
@@ -218,14 +219,17 @@ def _freeze_bn_(model: nn.Module) -> None:
 
 def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConfig, imgsz: int = 640,
             kept: dict[str, list[int]] | None = None, holdout: dict | None = None,
-            on_eval: Callable[[dict], None] | None = None, progress: bool = True) -> tuple[nn.Module, DistillResult]:
+            on_eval: Callable[[dict], None] | None = None, progress: bool = True,
+            output_error: Callable[[nn.Module], float] | None = None) -> tuple[nn.Module, DistillResult]:
     """Train a copy of ``student`` for ``cfg.steps`` steps against the frozen ``teacher``; keep the best checkpoint.
 
     Training reads ``data``'s train split. With ``holdout`` (a dataset config whose val split is held-out train
     images, :func:`holdout_split`), ``cfg.evals`` times over the run the EMA weights are evaluated there at
     ``imgsz`` and ``on_eval({"step", "loss", "mAP50", "mAP50_95", "seconds"})`` is called (the NNI trial reports it
-    as an intermediate result); the best of these checkpoints and the untrained input is returned. Without it, the
-    last EMA weights. ``data``'s val split is never read here.
+    as an intermediate result); the best of these checkpoints and the untrained input is returned: the highest
+    mAP50-95, or with ``output_error`` the lowest of that function of the model (each record gets it as
+    ``"output_error"``; it must read held-out images only). Without ``holdout``, the last EMA weights. ``data``'s
+    val split is never read here.
 
     Args:
         student: the model to train (left unchanged; a trained copy is returned).
@@ -235,6 +239,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
         imgsz: the deployment size: images are augmented at it, trained on as ``cfg.crop`` crops, evaluated at it.
         kept: BatchNorm name -> the teacher channels the student kept (:class:`compression.prune.Structure`).
         holdout: where checkpoints are chosen; never trained on.
+        output_error: lower is better; chooses the checkpoint instead of the held-out mAP (QAT: how far the
+            fake-quantized model's output is from the FP32 teacher's).
 
     Example:
         >>> small, result = distill(pruned, model, load_data_config("coco1k.yaml"), DistillConfig(steps=600))
@@ -249,13 +255,19 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
 
     def evaluate_checkpoint(model, step, loss):
         metrics = evaluate(model, holdout, imgsz, batch=cfg.batch, device=str(run.device), progress=False)
-        return {"step": step, "loss": loss, "mAP50": metrics.mAP50, "mAP50_95": metrics.mAP50_95,
-                "seconds": time.perf_counter() - t0}
+        record = {"step": step, "loss": loss, "mAP50": metrics.mAP50, "mAP50_95": metrics.mAP50_95}
+        if output_error is not None:
+            record["output_error"] = output_error(model)
+        return {**record, "seconds": time.perf_counter() - t0}
 
-    best_map, best_state = -1.0, None
+    def merit(record):
+        return -record["output_error"] if output_error is not None else record["mAP50_95"]
+
+    best, best_state = -math.inf, None
     if holdout is not None:  # the input is a candidate too: a short run on few images can end below where it started
-        result.start_mAP50_95 = best_map = evaluate_checkpoint(run.student, 0, None)["mAP50_95"]
-        best_state = copy.deepcopy(run.student.state_dict())
+        start = evaluate_checkpoint(run.student, 0, None)
+        result.start_mAP50_95, result.start_output_error = start["mAP50_95"], start.get("output_error")
+        best, best_state = merit(start), copy.deepcopy(run.student.state_dict())
     marks = {max(1, round(cfg.steps * (i + 1) / cfg.evals)) for i in range(cfg.evals)} if holdout is not None else set()
     running, bar = 0.0, tqdm(range(1, cfg.steps + 1), desc="distill", disable=not progress, leave=False)
     for step in bar:
@@ -269,8 +281,8 @@ def distill(student: nn.Module, teacher: nn.Module, data: dict, cfg: DistillConf
             result.evals.append(record)
             if on_eval:
                 on_eval(record)
-            if record["mAP50_95"] > best_map:
-                best_map, result.best_step = record["mAP50_95"], step
+            if merit(record) > best:
+                best, result.best_step = merit(record), step
                 best_state = copy.deepcopy(run.ema.ema.state_dict())
     run.close()
     student = run.student

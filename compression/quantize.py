@@ -363,22 +363,31 @@ def output_error(reference: Path | str | np.ndarray, candidate: Path | str, imag
 
 def file_output_errors(reference: Path | str, candidates: list[Path | str], files: list[Path], imgsz: int,
                        batch: int = 8) -> list[float]:
-    """:func:`output_error` of each candidate against ``reference`` on image ``files`` (letterboxed at ``imgsz``),
-    read a batch at a time: a few hundred images at 640 px would take gigabytes at once.
+    """:func:`output_error` of each candidate file against ``reference`` on image ``files`` (see :func:`output_errors`).
 
     Example:
         >>> file_output_errors("fp32.onnx", ["ptq.onnx", "qat.onnx"], split_images(held, "val"), 448)
     """
-    import torch
-
-    from compression.data import letterbox, read_image
     from compression.runtime import onnx_session
 
     sessions = [onnx_session(p) for p in (reference, *candidates)]
-    errors, total = np.zeros(len(candidates)), 0.0
+    return output_errors([lambda x, s=s: s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions], files, imgsz,
+                         batch)
+
+
+def output_errors(models: list[Callable[[np.ndarray], np.ndarray]], files: list[Path], imgsz: int,
+                  batch: int = 8) -> list[float]:
+    """:func:`output_error` of ``models[1:]`` against ``models[0]`` on image ``files`` letterboxed at ``imgsz``;
+    each model maps a batch of images to its decoded output. Images are read a batch at a time: a few hundred
+    images at 640 px would take gigabytes at once."""
+    import torch
+
+    from compression.data import letterbox, read_image
+
+    errors, total = np.zeros(len(models) - 1), 0.0
     for i in range(0, len(files), batch):
         x = torch.cat([letterbox(read_image(f), imgsz) for f in files[i:i + batch]]).numpy()
-        ref, *outs = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
+        ref, *outs = [model(x) for model in models]
         scale = _box_scale(ref, imgsz)
         total += float(((ref * scale) ** 2).sum())
         errors += [float((((ref - out) * scale) ** 2).sum()) for out in outs]

@@ -129,6 +129,20 @@ def test_checkpoints_are_chosen_on_held_out_train_images_never_on_val(tiny_yolov
     assert not read  # without held-out images nothing is evaluated: the last weights are kept
 
 
+@pytest.mark.parametrize("errors,best", [([0.3, 0.1, 0.2], 2), ([0.3, 0.2, 0.1], 4), ([0.1, 0.2, 0.3], 0)])
+def test_an_output_error_chooses_the_checkpoint_where_it_is_lowest(tiny_yolov5, tiny_data, errors, best):
+    data = load_data_config(tiny_data, ("train", "val"))
+    train, holdout = holdout_split(data, 2)
+    values = iter(errors)  # the input's, then the checkpoints' at steps 2 and 4
+    cfg = DistillConfig(steps=4, evals=2, batch=4, workers=0, device="cpu", crop=0)
+    student, result = distill(tiny_yolov5, tiny_yolov5, train, cfg, 64, holdout=holdout, progress=False,
+                              output_error=lambda model: next(values))
+    assert result.best_step == best and result.start_output_error == errors[0]
+    assert [e["output_error"] for e in result.evals] == errors[1:]
+    unchanged = all(torch.equal(v, tiny_yolov5.state_dict()[k]) for k, v in student.state_dict().items())
+    assert unchanged == (best == 0)  # the input is returned only when it was closest
+
+
 def test_distillation_only_works_without_labels(tiny_yolov5, tiny_data, tmp_path):
     data = load_data_config(tiny_data, ("train", "val"))
     teacher = copy.deepcopy(tiny_yolov5)

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -250,6 +252,23 @@ def test_output_errors_over_image_files_are_the_error_over_all_of_them(fp32, cal
     whole = output_error(fp32[1], int8, torch.cat([letterbox(read_image(f), IMGSZ) for f in files]).numpy(), IMGSZ)
     assert same == 0.0 and len(files) == 8
     assert quantized > 0 and quantized == pytest.approx(whole, rel=1e-4)
+
+
+def test_a_models_output_error_is_the_output_error_of_its_exported_file(fp32, tiny_data, tmp_path):
+    from compression.chain import output_error_of
+
+    files = sorted((tiny_data.parent / "images" / "train").glob("*.jpg"))
+    model, path = fp32
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in other.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.bias.add_(0.05 * torch.randn_like(m.bias))
+    export_onnx(other, IMGSZ, tmp_path / "other.onnx")
+    error = output_error_of(model, files, IMGSZ)
+    assert error(model) == 0.0
+    (from_file,) = file_output_errors(path, [tmp_path / "other.onnx"], files, IMGSZ)
+    assert from_file > 1e-4 and error(other) == pytest.approx(from_file, rel=1e-3)  # torch and ORT: float rounding
 
 
 def test_silu_floor_is_where_silu_is_within_half_a_step_of_zero():
