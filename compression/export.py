@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from compression.errors import UserError
 from compression.runtime import onnx_session, temp_sibling
 
 
-EXPORT_VERSION = 2  # bump when the exported graph changes (cached baselines are keyed by it); 2: channel-first decode
+EXPORT_VERSION = 3  # bump when the exported graph changes (cached baselines are keyed by it); 2: channel-first
+# decode; 3: YOLOv5's decode with constant shapes
 
 
 @dataclass
@@ -64,11 +66,13 @@ def export_onnx(model: nn.Module, imgsz: int, path: str | Path, opset: int = 17,
     model = copy.deepcopy(model).cpu().float().eval()
     x = letterbox(read_image(check_image or default_check_image()), imgsz)
     try:
-        torch.onnx.export(
-            model, (torch.zeros(1, 3, imgsz, imgsz),), str(tmp), opset_version=opset, dynamo=False,
-            input_names=["images"], output_names=["output0"],
-            dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}}, do_constant_folding=True,
-        )
+        with warnings.catch_warnings():  # the file is for this one input size: sizes read as constants are meant so
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                model, (torch.zeros(1, 3, imgsz, imgsz),), str(tmp), opset_version=opset, dynamo=False,
+                input_names=["images"], output_names=["output0"],
+                dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}}, do_constant_folding=True,
+            )
         _add_metadata(tmp, model, imgsz)
         with torch.inference_mode():
             ref = model(x)
