@@ -87,7 +87,8 @@ class DistillConfig:
 
 @dataclass
 class DistillResult:
-    evals: list[dict] = field(default_factory=list)  # per held-out evaluation: step, loss, mAP50, mAP50_95, seconds
+    # per held-out evaluation: step, loss, mAP50, mAP50_95, seconds (and output_error when that chooses)
+    evals: list[dict] = field(default_factory=list)
     best_step: int = 0  # 0 = the untrained input stayed best
     start_mAP50_95: float | None = None  # held-out mAP of the input, before training
     start_output_error: float | None = None  # the input's output error, when checkpoints are chosen by it
