@@ -155,7 +155,7 @@ def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_pa
     q = qat["stages"]["quantize"]
     assert q["qat"]["steps"] > 0 and q["matched"]["weights"] > 0 and q["ptq_mAP50_95"] is not None
     # QAT's file ships only when its output is closer to the unpruned model's than the PTQ file's on the held-out
-    # images; it is exported and checked only when a trained checkpoint beat the PTQ file's fake-quantized twin there
+    # images; it is exported only when a trained checkpoint came closer than the PTQ file's fake-quantized twin there
     assert (q["qat_mAP50_95"] is None) == (q["qat"]["best_step"] == 0) == (q["qat_output_error"] is None)
     assert q["method"] == ("qat" if q["qat_output_error"] is not None
                            and q["qat_output_error"] < q["ptq_output_error"] else "ptq")
