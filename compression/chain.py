@@ -39,6 +39,7 @@ from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import file_output_errors, output_errors, ptq, ptq_graph
+from compression.relu import fit_relu, swap_relu_
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
 STUDENT_VERSION = 6  # bump when pruning or distillation changes what a cached student holds
@@ -60,6 +61,8 @@ def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
                    "round_steps": cfg.round_steps, "holdout_images": cfg.holdout_images}
     else:
         shaping = {"sparsity": 0}  # nothing is pruned or trained
+    if cfg.relu_blocks:
+        shaping["relu"] = {k: v for k, v in asdict(cfg.relu_config()).items() if k != "device"}
     key = [STUDENT_VERSION, _file_key(weights), data["yaml_file"], imgsz, shaping]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -68,6 +71,7 @@ def _load_student(entry: Path, teacher):
     """The cached student: the teacher cut to the cached structure (no training), then its trained tensors."""
     stages = json.loads((entry / "stages.json").read_text())
     student = apply_structure(teacher, Structure(**stages["prune"]["structure"]))
+    swap_relu_(student, stages.get("relu", {}).get("blocks", 0))
     student.load_state_dict(torch.load(entry / "state.pt", map_location="cpu", weights_only=True))  # tensors only
     return student.eval(), stages
 
@@ -87,17 +91,35 @@ def _atomic_json(path: Path, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=2))
 
 
+def _is_teacher(cfg: TrialConfig) -> bool:
+    """Whether the trial's FP32 student is the teacher itself (nothing pruned, no activation swapped)."""
+    return cfg.sparsity == 0 and cfg.relu_blocks == 0
+
+
 def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
                  on_eval: Callable[[str, dict], None] | None = None, progress: bool = True,
                  on_stage: Callable[[str], None] | None = None):
-    """Prune ``teacher`` in ``cfg.prune_rounds`` steps, each followed by least-squares reconstruction and (but the
-    last) ``cfg.round_steps`` of distillation, then recover with ``cfg.kd_steps`` (best checkpoint on ``holdout``).
+    """With ``cfg.relu_blocks``, first swap SiLU for ReLU in the first blocks and fit them back to the teacher
+    (:func:`compression.relu.fit_relu`, train images only); then prune in ``cfg.prune_rounds`` steps, each followed
+    by least-squares reconstruction and (but the last) ``cfg.round_steps`` of distillation, then recover with
+    ``cfg.kd_steps`` (best checkpoint on ``holdout``).
 
     Returns ``(student, {"prune": ..., "distill": ...})``, the report's stage fields. ``train`` is the train split
     without the held-out images: reconstruction, sensitivity and distillation read only it. With ``holdout`` each
     round's record gives its mAP50-95 there right after pruning and after reconstruction (figures, not choices).
-    ``on_stage("distill")`` is called when the main recovery starts.
+    ``on_stage("prune")`` is called after the ReLU fit, ``on_stage("distill")`` when the main recovery starts.
     """
+    relu_stage = None
+    if cfg.relu_blocks:  # the activations first: pruning then ranks and cuts the channels of the fitted ReLU model
+        base, fitted = fit_relu(teacher, teacher, train, cfg.relu_config(), imgsz, progress=progress)
+        relu_stage = {"blocks": cfg.relu_blocks, **asdict(fitted)}
+        if holdout is not None:  # a figure, not a choice
+            relu_stage["mAP50_95"] = evaluate(copy.deepcopy(base), holdout, imgsz, device=cfg.device,
+                                              progress=False).mAP50_95
+        if on_stage:
+            on_stage("prune")
+    else:
+        base = teacher
     t0 = time.perf_counter()
     pcfg = cfg.prune_config()
     lowrank = pcfg.method == "lowrank"
@@ -141,7 +163,7 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
         rounds.append({**record, "recon_seconds": r1 - r0, "steps": res.steps, "distill_seconds": res.seconds})
         return student
 
-    student, pruned = prune(teacher, pcfg, imgsz, images, recover=recover, progress=progress)
+    student, pruned = prune(base, pcfg, imgsz, images, recover=recover, progress=progress)
     for record, extra in zip(pruned.rounds, rounds):
         record.update(recover=extra)
     prune_stage = {**asdict(pruned), "macs_ratio": pruned.macs_after / pruned.macs_before,
@@ -154,7 +176,8 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
         last = "mAP50_95_reconstructed" if recon is not None else "mAP50_95_pruned"
         prune_stage["rounds"][-1]["recover"][last] = distilled.start_mAP50_95
     distill_stage = {**asdict(distilled), "skipped": "nothing pruned" if not cfg.sparsity else None}
-    return student, {"prune": prune_stage, "distill": distill_stage}
+    stages = {"prune": prune_stage, "distill": distill_stage}
+    return student, ({"relu": relu_stage, **stages} if relu_stage else stages)
 
 
 def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: str | Path,
@@ -162,7 +185,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
               score_fn: Callable[[dict], dict] | None = None, on_stage: Callable[[str], None] | None = None) -> dict:
     """Run the chain for ``cfg`` and return the report (also written to ``out/report.json``, last).
 
-    ``on_stage(name)`` is called as each stage starts: baseline, prune, distill, export, quantize, measure, report.
+    ``on_stage(name)`` is called as each stage starts: baseline, (relu,) prune, distill, export, quantize, measure,
+    report.
     ``on_eval(record)`` after each held-out evaluation of a training run (recovery, QAT).
     """
     def stage(name: str) -> None:
@@ -172,7 +196,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # a report only ever describes a finished run
-    trains = cfg.sparsity or (cfg.quantize and cfg.qat_epochs)
+    trains = cfg.sparsity or cfg.relu_blocks or (cfg.quantize and cfg.qat_epochs)
     data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize else ("val",))
     train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if data.get("train") else (data, None)
     teacher = load_model(weights)
@@ -256,7 +280,7 @@ def fp32_student(teacher, weights: str, data: dict, train: dict, holdout: dict |
         for record in stages["distill"]["evals"]:
             record_eval("distill", record)
         return student, {**stages, "cache": {"student": "hit", "key": key}}
-    stage("prune")
+    stage("relu" if cfg.relu_blocks else "prune")  # make_student announces "prune" after the ReLU fit
     student, stages = make_student(teacher, train, holdout, imgsz, cfg, record_eval, progress, stage)
     _save_student(entry, student, stages)
     return student, {**stages, "cache": {"student": "miss", "key": key}}
@@ -267,7 +291,7 @@ def export_student(student, teacher, weights: str, data: dict, imgsz: int, base_
     """Export the student to ``out/fp32.onnx`` and evaluate it on val. Returns ``(path, EvalResult, stage dict)``."""
     t0 = time.perf_counter()
     fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
-    if cfg.sparsity == 0:  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
+    if _is_teacher(cfg):  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
         fp32_base = base if imgsz == base_imgsz else baseline(teacher, weights, data, imgsz, progress=progress)[0]
         fp32_acc = EvalResult(fp32_base.mAP50, fp32_base.mAP50_95, 0)
     else:
@@ -328,7 +352,7 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
             qat["qat_mAP50_95"] = res.rounds[-1]["mAP50_95"]
             # what QAT trains towards: the unpruned model's outputs at this size (the student's own export when the
             # student is that model)
-            reference = fp32_path if cfg.sparsity == 0 else export_onnx(teacher, imgsz,
+            reference = fp32_path if _is_teacher(cfg) else export_onnx(teacher, imgsz,
                                                                         Path(tmp) / "teacher.onnx").onnx_path
             qat["ptq_output_error"], qat["qat_output_error"] = file_output_errors(
                 reference, [ptq_path, qat_path], split_images(choose_on, "val"), imgsz)

@@ -12,6 +12,7 @@ from compression.distill import DistillConfig
 from compression.errors import UserError
 from compression.prune import PruneConfig
 from compression.quantize import QuantConfig
+from compression.relu import ReluConfig
 
 
 # The flat keys of ``--set``, NNI and ``report.json`` that belong to a stage: stage config -> {key: its field}. Each
@@ -28,6 +29,7 @@ STAGE_KEYS: dict[type, dict[str, str]] = {
                   "calib_percentile": "calib_percentile", "calib_images": "calib_images",
                   "max_int8_drop": "max_int8_drop", "int8_fallback": "fallback", "silu_floor": "silu_floor",
                   "seed": "seed"},
+    ReluConfig: {"relu_blocks": "blocks", "relu_epochs": "epochs", "relu_lr": "lr", "device": "device", "seed": "seed"},
 }
 
 
@@ -70,6 +72,9 @@ class _TrialKeys:
                 if message.startswith(f"{field_name} "):
                     message = key + message[len(field_name):]
             raise ValueError(message) from None
+
+    def relu_config(self) -> ReluConfig:
+        return self._stage(ReluConfig)
 
     def prune_config(self) -> PruneConfig:
         return self._stage(PruneConfig)

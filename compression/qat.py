@@ -242,11 +242,16 @@ def prepare_qat(student: nn.Module, int8_model, fp32_graph, probe: torch.Tensor)
     # the convolution a BN folds into: a factorised block's (compression.lowrank) last one
     conv_of_bn = {id(m.bn): m.conv[-1] if isinstance(m.conv, nn.Sequential) else m.conv
                   for m in model.modules() if isinstance(m, Conv) and hasattr(m, "bn")}
+    # a ReLU the quantizer folded into its convolution: the file's convolution output is the ReLU's (its own module
+    # in each block, compression.relu), so its weights are found through the block's BN
+    bn_of_relu = {id(m.act): m.bn for m in model.modules()
+                  if isinstance(m, Conv) and hasattr(m, "bn") and isinstance(m.act, nn.ReLU)}
     for module, tensors in points.items():
         kind = next((convs[t] for t in tensors if t in convs), None)
         if kind is None:
             continue
         m = modules[module]
+        m = bn_of_relu.get(id(m), m)
         conv, bn = (conv_of_bn[id(m)], m) if id(m) in conv_of_bn else (m, None)
         if isinstance(conv, nn.Conv2d) and not parametrize.is_parametrized(conv, "weight"):
             parametrize.register_parametrization(conv, "weight", FoldedWeightQuant(bn, *kind, weight=conv.weight))

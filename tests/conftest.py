@@ -154,3 +154,13 @@ def record_feeds(monkeypatch) -> dict[str, set]:
 
     monkeypatch.setattr(bench, "onnx_session", session)
     return fed
+
+
+@pytest.fixture(scope="session")
+def tiny_yolov5_relu(tiny_yolov5):
+    """``tiny_yolov5`` with ReLU in place of SiLU in its first three blocks (``relu_blocks=3``)."""
+    from compression.relu import swap_relu_
+
+    model = copy.deepcopy(tiny_yolov5)
+    swap_relu_(model, 3)
+    return model

@@ -389,8 +389,8 @@ def test_pair_safe_range_bounds_every_pair():
     np.testing.assert_allclose(pair_safe_range(np.ones((2, 3, 1, 1)), True), [2.0, 2.0])  # odd: 7-bit
 
 
-@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
-def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32, calib, tmp_path):
+@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW + ["tiny_yolov5_relu"], indirect=True)
+def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32, calib, tmp_path, request):
     model, path = fp32
     # every convolution with uint8 weights (a fallback's kind): u8u8 kernels do not saturate, so ONNX Runtime
     # computes what the fake quantization does on any CPU (pair-safe weights: test_qat_int8_weights_are_the_...)
@@ -425,7 +425,7 @@ def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32
     dequantized = {n.input[0]: n.output[0] for n in int8.graph.node if n.op_type == "DequantizeLinear"}
     dq = {n.input[0]: dequantized[n.output[0]] for n in int8.graph.node
           if n.op_type == "QuantizeLinear" and n.output[0] in dequantized}
-    first = [(q, t) for q, t in quantized if t in dq][:12]
+    first = [(q, t) for q, t in quantized if t in dq and t.startswith(("/model.0/", "/model.1/", "/model.2/"))][:12]
     values = onnx_values(int8, [dq[t] for _, t in first], x.numpy())
     owners: dict[int, list] = {}  # quantizer -> the modules it quantizes (a Concat group's tensors share one)
     for m in qmodel.modules():
@@ -441,7 +441,9 @@ def test_qat_starts_from_the_ptq_file_and_without_training_exports_it_again(fp32
     scores = slice(4, None)  # scores (0..1); boxes are pixels
     sim_err = (got[:, scores] - fq[:, scores]).abs().mean()
     fp32_err = (got[:, scores] - plain[:, scores]).abs().mean()
-    assert sim_err < 0.8 * fp32_err, (float(sim_err), float(fp32_err))
+    # ReLU in the first blocks quantizes with no sigmoid tables, so its file is nearer FP32 (measured: twin/FP32
+    # error 0.85 there, 0.58 and 0.74 for the SiLU models)
+    assert sim_err < (0.95 if "relu" in request.node.name else 0.8) * fp32_err, (float(sim_err), float(fp32_err))
 
     # no training: the plain student comes back, and quantized with the fake-quantizers' ranges it is the PTQ file
     ranges = learned_ranges(qmodel)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 from compression.chain import make_student
@@ -137,6 +138,26 @@ def test_trial_keys_are_the_stage_configs_fields():
     assert cfg.distill_config().seed == cfg.quant_config().seed == 5
     stage_keys = {key for keys in STAGE_KEYS.values() for key in keys}
     assert stage_keys | {f.name for f in dataclasses.fields(_TrialKeys)} == {f.name for f in dataclasses.fields(cfg)}
+
+
+def test_a_relu_trial_ships_the_fitted_student_and_caches_it(tiny_pt, tiny_data, tmp_path, env):
+    common = ("sparsity=0", "relu_blocks=3", "relu_epochs=1", "device=cpu", "quantize=false")
+    r = run_trial(tiny_pt, tiny_data, tmp_path / "a", *common, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    relu = report["stages"]["relu"]
+    assert relu["blocks"] == 3 and relu["swapped"] > 3 and [f["blocks"] for f in relu["fits"]] == [3, 10]
+    assert 0 <= relu["mAP50_95"] <= 1 and report["stages"]["cache"]["student"] == "miss"
+    # the fitted student is what ships, evaluated itself (not the baseline's cached figure)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "a" / "model.onnx")).graph.node]
+    assert ops.count("Relu") == relu["swapped"]
+    assert report["stages"]["export"]["fp32_mAP50_95"] == report["result"]["mAP50_95"]
+    r = run_trial(tiny_pt, tiny_data, tmp_path / "b", *common, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert again["stages"]["cache"]["student"] == "hit" and again["stages"]["relu"] == relu
+    assert again["result"]["mAP50_95"] == report["result"]["mAP50_95"]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node] == ops
 
 
 @pytest.mark.slow

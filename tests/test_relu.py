@@ -1,0 +1,78 @@
+import copy
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from compression.data import load_data_config
+from compression.errors import UserError
+from compression.export import export_onnx
+from compression.quantize import QuantConfig, ptq
+from compression.relu import ReluConfig, _block_outputs, fit_relu, swap_relu_
+from conftest import lively
+
+
+def acts(model, blocks: range) -> list[type]:
+    return [type(m.act) for i in blocks for m in model.model[i].modules() if hasattr(m, "act")]
+
+
+def test_swap_relu_replaces_silu_in_the_first_blocks_only(tiny_yolov5):
+    model = copy.deepcopy(tiny_yolov5)
+    first = acts(model, range(3))
+    assert swap_relu_(model, 3) == len(first) > 3 and set(acts(model, range(3))) == {nn.ReLU}
+    assert set(acts(model, range(3, len(model.model)))) == {nn.SiLU}
+    assert swap_relu_(copy.deepcopy(tiny_yolov5), 0) == 0
+    with pytest.raises(UserError, match="relu_blocks=99"):
+        swap_relu_(copy.deepcopy(tiny_yolov5), 99)
+
+
+def test_relu_config_names_a_bad_field():
+    with pytest.raises(ValueError, match="blocks must be in"):
+        ReluConfig(blocks=-1)
+
+
+def feature_error(student, teacher, x, count: int) -> float:
+    with torch.no_grad():
+        pairs = zip(_block_outputs(student, x, count), _block_outputs(teacher, x, count))
+        return float(sum(((s - t) ** 2).mean() / t.var() for s, t in pairs) / count)
+
+
+def test_fitting_brings_the_backbone_back_towards_the_teacher_on_images_it_did_not_see(tiny_yolov5, tiny_data):
+    data = load_data_config(tiny_data, ("train", "val"))
+    torch.manual_seed(0)
+    teacher = lively(tiny_yolov5, torch.rand(4, 3, 64, 64))
+    cfg = ReluConfig(blocks=3, epochs=4, lr=0.01, batch=4, device="cpu")
+    student, result = fit_relu(teacher, teacher, data, cfg, 64, progress=False)
+    swapped = copy.deepcopy(teacher)
+    assert result.swapped == swap_relu_(swapped, 3) and set(acts(student, range(3))) == {nn.ReLU}
+    # two fits: the swapped blocks, then the whole backbone (a tenth of the rate); each on every train image
+    assert [(f["blocks"], f["steps"], f["lr"]) for f in result.fits] == [(3, 8, 0.01), (10, 8, 0.001)]
+    unseen = torch.rand(2, 3, 64, 64)  # neither the train images nor their flips
+    assert feature_error(student, teacher, unseen, 10) < 0.8 * feature_error(swapped, teacher, unseen, 10)
+    # the teacher is not trained, and blocks after the backbone are left as they were
+    after = dict(student.named_parameters())
+    assert all(torch.equal(p, after[n]) for n, p in teacher.named_parameters() if int(n.split(".")[1]) >= 10)
+
+
+def test_no_epochs_only_swaps(tiny_yolov5, tiny_data):
+    data = load_data_config(tiny_data, ("train", "val"))
+    student, result = fit_relu(tiny_yolov5, tiny_yolov5, data, ReluConfig(blocks=2, epochs=0), 64, progress=False)
+    assert result.fits == [] and result.swapped > 0
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), tiny_yolov5.state_dict().values()))
+
+
+def test_the_int8_file_has_no_activation_op_where_relu_replaced_silu(tiny_yolov5, tiny_yolov5_relu, tmp_path):
+    """Why ReLU: the quantizer folds it into the convolution's output range, where SiLU costs two 8-bit ops."""
+    calib = torch.rand(4, 3, 64, 64)
+    counts = {}
+    for name, model in (("silu", tiny_yolov5), ("relu", tiny_yolov5_relu)):
+        export_onnx(lively(model, calib), 64, tmp_path / f"{name}.onnx")
+        ptq(tmp_path / f"{name}.onnx", tmp_path / f"{name}_int8.onnx", calib.numpy(), QuantConfig(fallback_rounds=0),
+            lambda p: 0.5, fp32_map=0.5, progress=False)
+        nodes = onnx.load(str(tmp_path / f"{name}_int8.onnx")).graph.node
+        counts[name] = {op: sum(n.op_type == op and n.name.startswith(("/model.0/", "/model.1/", "/model.2/"))
+                                for n in nodes) for op in ("Sigmoid", "Relu", "QLinearSigmoid")}
+    assert counts["silu"]["Sigmoid"] + counts["silu"]["QLinearSigmoid"] > 0
+    assert counts["relu"] == {"Sigmoid": 0, "Relu": 0, "QLinearSigmoid": 0}
+
