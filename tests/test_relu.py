@@ -76,3 +76,20 @@ def test_the_int8_file_has_no_activation_op_where_relu_replaced_silu(tiny_yolov5
     assert counts["silu"]["Sigmoid"] + counts["silu"]["QLinearSigmoid"] > 0
     assert counts["relu"] == {"Sigmoid": 0, "Relu": 0, "QLinearSigmoid": 0}
 
+
+def test_a_relu_output_keeps_a_range_from_zero_when_its_concat_reaches_below_zero(tiny_yolov5, tmp_path):
+    """ONNX Runtime drops a Relu by quantizing with its range: shared with a SiLU output below 0, the ReLU is lost."""
+    from compression.qat import qdq_params
+
+    model = copy.deepcopy(tiny_yolov5)
+    swap_relu_(model, 5)  # model.4's output meets a SiLU output in the head's Concat
+    calib = torch.rand(4, 3, 64, 64)
+    export_onnx(lively(model, calib), 64, tmp_path / "relu5.onnx")
+    nodes = onnx.load(str(tmp_path / "relu5.onnx")).graph.node
+    relu_outputs = {n.output[0] for n in nodes if n.op_type == "Relu"}
+    in_concat = relu_outputs & {t for n in nodes if n.op_type == "Concat" for t in n.input}
+    assert "/model.4/cv3/act/Relu_output_0" in in_concat
+    ptq(tmp_path / "relu5.onnx", tmp_path / "int8.onnx", calib.numpy(), QuantConfig(fallback_rounds=0),
+        lambda p: 0.5, fp32_map=0.5, progress=False)
+    acts = qdq_params(onnx.load(str(tmp_path / "int8.onnx")))[0]
+    assert in_concat <= acts.keys() and {t: acts[t][1] for t in in_concat} == {t: 0 for t in in_concat}
