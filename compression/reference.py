@@ -1,9 +1,9 @@
 """The line every trial has to beat: the unpruned model at smaller inputs, FP32 and INT8 (PTQ), with no training.
 
-For each input size, the FP32 export and the INT8 file a trial with ``sparsity=0`` would ship (the default
-``TrialConfig``'s calibration and fallback, chosen on the held-out train images): mAP50-95 on val and latency relative
-to the FP32 model at the base size, timed in the same run. Measured once per weights, dataset and sizes (cached), so
-that every report of an experiment draws the same curves.
+For each input size, the FP32 export and the INT8 file a trial with ``sparsity=0 relu_blocks=0`` would ship (the
+default ``TrialConfig``'s calibration and fallback, chosen on the held-out train images): mAP50-95 on val and latency
+relative to the FP32 model at the base size, timed in the same run. Measured once per weights, dataset and sizes
+(cached), so that every report of an experiment draws the same curves.
 """
 
 from __future__ import annotations

@@ -31,8 +31,10 @@ from compression.runtime import select_device
 
 @dataclass
 class ReluConfig:
-    blocks: int = 0  # leading blocks (model.0 ..) whose SiLU become ReLU, 0 = none; 3 = YOLOv5's stem and first C3
-    epochs: int = 4  # passes over the train images of each of the two fits (0 = swap without fitting)
+    blocks: int = 3  # leading blocks (model.0 ..) whose SiLU become ReLU, 0 = none; 3: YOLOv5's stem and first C3
+    # (YOLOv5n at 448, held-out: INT8 0.2562 against 0.2513 with SiLU, and 2.27x faster than FP32 at 640, not 2.1x)
+    epochs: int = 8  # passes over the train images of each of the two fits, 0 = swap without fitting (YOLOv5n at 448,
+    # held-out feature error / FP32 mAP50-95: 4 epochs 0.00612 / 0.2520, 8 epochs 0.00559 / 0.2542; 8 min on 2 cores)
     lr: float = 0.001  # Adam's peak learning rate of the first fit (the backbone fit takes a tenth)
     batch: int = 8  # images per step
     device: str = "auto"  # auto (CUDA if present) | cpu | cuda[:N]

@@ -81,7 +81,7 @@ def test_the_student_before_recovery_is_measured_on_held_out_images(tiny_yolov5,
 
 
 def test_no_pruning_no_training_reproduces_the_baseline(tiny_pt, tiny_data, tmp_path, env):
-    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "quantize=false", env=env)
+    r = run_trial(tiny_pt, tiny_data, tmp_path, "sparsity=0", "relu_blocks=0", "quantize=false", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["result"]["mAP50_95"] == report["baseline"]["mAP50_95"]
