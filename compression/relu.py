@@ -2,8 +2,8 @@
 
 In an INT8 file ONNX Runtime runs SiLU as an 8-bit sigmoid and an 8-bit product, small ops that scale poorly over
 threads and took 27 % of YOLOv5n's INT8 time at 448 px on 2 cores; a ReLU costs nothing there (the quantizer drops
-it into the convolution's output range). The largest feature maps are the first blocks', so those are where SiLU costs most:
-ReLU in model.0-2 made the INT8 file 2.29x faster than FP32 at 640 instead of 2.13x (same run, 448 px).
+it into the convolution's output range). The largest feature maps are the first blocks', so those are where SiLU
+costs most: ReLU in model.0-2 made the INT8 file 2.29x faster than FP32 at 640 instead of 2.13x (same run, 448 px).
 
 Swapping alone costs accuracy (held-out mAP50-95 0.253 -> 0.207 for model.0-2). :func:`fit_relu` wins it back
 without labels, in two fits of ``epochs`` passes over the train images each: the swapped blocks learn to reproduce
