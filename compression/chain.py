@@ -42,7 +42,7 @@ from compression.quantize import file_output_errors, output_errors, ptq, ptq_gra
 from compression.relu import fit_relu, swap_relu_
 from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
 
-STUDENT_VERSION = 6  # bump when pruning or distillation changes what a cached student holds
+STUDENT_VERSION = 7  # bump when the ReLU fit, pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
 QAT_ERROR_IMAGES = 64  # held-out images on which QAT's checkpoints are compared (its file and PTQ's: all of them)
 

@@ -9,7 +9,7 @@ from compression.data import load_data_config
 from compression.errors import UserError
 from compression.export import export_onnx
 from compression.quantize import QuantConfig, ptq
-from compression.relu import ReluConfig, _block_outputs, fit_relu, swap_relu_
+from compression.relu import ReluConfig, _block_outputs, fit_relu, fit_targets, head_inputs, swap_relu_
 from conftest import lively
 
 
@@ -32,13 +32,21 @@ def test_relu_config_names_a_bad_field():
         ReluConfig(blocks=-1)
 
 
-def feature_error(student, teacher, x, count: int) -> float:
+def feature_error(student, teacher, x, blocks: list[int]) -> float:
     with torch.no_grad():
-        pairs = zip(_block_outputs(student, x, count), _block_outputs(teacher, x, count))
-        return float(sum(((s - t) ** 2).mean() / t.var() for s, t in pairs) / count)
+        pairs = zip(_block_outputs(student, x, blocks), _block_outputs(teacher, x, blocks))
+        return float(sum(((s - t) ** 2).mean() / t.var() for s, t in pairs) / len(blocks))
 
 
-def test_fitting_brings_the_backbone_back_towards_the_teacher_on_images_it_did_not_see(tiny_yolov5, tiny_data):
+def test_the_fit_matches_later_backbone_blocks_and_what_the_head_reads(tiny_yolov5):
+    assert head_inputs(tiny_yolov5) == [17, 20, 23]
+    assert fit_targets(tiny_yolov5, 3) == [3, 4, 5, 6, 7, 8, 9, 17, 20, 23]
+    assert fit_targets(tiny_yolov5, 12) == [17, 20, 23]
+    outs = _block_outputs(tiny_yolov5, torch.rand(1, 3, 64, 64), [2, 17])
+    assert [o.shape[2] for o in outs] == [16, 8]  # model.2 at stride 4, model.17 at stride 8
+
+
+def test_fitting_brings_the_model_back_towards_the_teacher_on_images_it_did_not_see(tiny_yolov5, tiny_data):
     data = load_data_config(tiny_data, ("train", "val"))
     torch.manual_seed(0)
     teacher = lively(tiny_yolov5, torch.rand(4, 3, 64, 64))
@@ -46,13 +54,17 @@ def test_fitting_brings_the_backbone_back_towards_the_teacher_on_images_it_did_n
     student, result = fit_relu(teacher, teacher, data, cfg, 64, progress=False)
     swapped = copy.deepcopy(teacher)
     assert result.swapped == swap_relu_(swapped, 3) and set(acts(student, range(3))) == {nn.ReLU}
-    # two fits: the swapped blocks, then the whole backbone (a tenth of the rate); each on every train image
-    assert [(f["blocks"], f["steps"], f["lr"]) for f in result.fits] == [(3, 8, 0.01), (10, 8, 0.001)]
+    # two fits, each on every train image: the swapped blocks and the next one on its output, then every block
+    # before the head (a tenth of the rate) on the later backbone blocks and the head's inputs
+    targets = fit_targets(teacher, 3)
+    assert [(f["blocks"], f["targets"], f["steps"], f["lr"]) for f in result.fits] == [
+        (4, [3], 8, 0.01), (24, targets, 8, 0.001)]
     unseen = torch.rand(2, 3, 64, 64)  # neither the train images nor their flips
-    assert feature_error(student, teacher, unseen, 10) < 0.8 * feature_error(swapped, teacher, unseen, 10)
-    # the teacher is not trained, and blocks after the backbone are left as they were
+    assert feature_error(student, teacher, unseen, targets) < 0.8 * feature_error(swapped, teacher, unseen, targets)
+    # the teacher is not trained, and the head (model.24) is left as it was
     after = dict(student.named_parameters())
-    assert all(torch.equal(p, after[n]) for n, p in teacher.named_parameters() if int(n.split(".")[1]) >= 10)
+    assert all(torch.equal(p, after[n]) for n, p in teacher.named_parameters() if n.startswith("model.24."))
+    assert not all(torch.equal(p, after[n]) for n, p in teacher.named_parameters() if n.startswith("model.23."))
 
 
 def test_no_epochs_only_swaps(tiny_yolov5, tiny_data):
