@@ -155,7 +155,8 @@ def _fit(student, teacher, images, count: int, targets: list[int], cfg: ReluConf
             bar.set_postfix(loss=f"{loss.item():.4f}")
         losses.append(total / per_epoch)
     bar.close()
-    return {"blocks": count, "targets": targets, "steps": steps, "lr": lr, "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1]}
+    return {"blocks": count, "targets": targets, "steps": steps, "lr": lr, "loss_first_epoch": losses[0],
+            "loss_last_epoch": losses[-1]}
 
 
 def fit_relu(model: nn.Module, teacher: nn.Module, data: dict, cfg: ReluConfig, imgsz: int,
