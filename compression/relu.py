@@ -181,6 +181,8 @@ def fit_relu(model: nn.Module, teacher: nn.Module, data: dict, cfg: ReluConfig, 
     for p in teacher.parameters():
         p.requires_grad_(False)
     before_head = len(student.model) - 1
+    if not fit_targets(student, cfg.blocks):
+        raise UserError(f"relu_blocks={cfg.blocks}: the model's head names no input blocks to fit to")
     fits = [(cfg.blocks + 1, [cfg.blocks], cfg.lr)] if cfg.blocks < before_head else []  # the next block absorbs
     fits.append((before_head, fit_targets(student, cfg.blocks), cfg.lr / 10 if fits else cfg.lr))
     for count, targets, lr in fits:

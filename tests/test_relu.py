@@ -67,6 +67,14 @@ def test_fitting_brings_the_model_back_towards_the_teacher_on_images_it_did_not_
     assert not all(torch.equal(p, after[n]) for n, p in teacher.named_parameters() if n.startswith("model.23."))
 
 
+def test_a_head_with_no_inputs_to_fit_to_is_a_one_line_error(tiny_yolov5, tiny_data):
+    data = load_data_config(tiny_data, ("train", "val"))
+    model = copy.deepcopy(tiny_yolov5)
+    model.model[-1].f = []
+    with pytest.raises(UserError, match="names no input blocks"):
+        fit_relu(model, model, data, ReluConfig(blocks=12, epochs=1, device="cpu"), 64, progress=False)
+
+
 def test_no_epochs_only_swaps(tiny_yolov5, tiny_data):
     data = load_data_config(tiny_data, ("train", "val"))
     student, result = fit_relu(tiny_yolov5, tiny_yolov5, data, ReluConfig(blocks=2, epochs=0), 64, progress=False)
