@@ -174,17 +174,18 @@ def fit_relu(model: nn.Module, teacher: nn.Module, data: dict, cfg: ReluConfig, 
     result = ReluResult(swapped=swap_relu_(student, cfg.blocks))
     if not cfg.blocks or not cfg.epochs:
         return student, result
+    targets = fit_targets(student, cfg.blocks)
+    if not targets:  # before any image is read
+        raise UserError(f"relu_blocks={cfg.blocks}: the model's head names no input blocks to fit to")
+    before_head = len(student.model) - 1
+    fits = [(cfg.blocks + 1, [cfg.blocks], cfg.lr)] if cfg.blocks < before_head else []  # the next block absorbs
+    fits.append((before_head, targets, cfg.lr / 10 if fits else cfg.lr))
     device = select_device(cfg.device)
     images = _load_images(data, imgsz, cfg.seed)
     teacher = copy.deepcopy(teacher).eval().to(device)
     student.to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    before_head = len(student.model) - 1
-    if not fit_targets(student, cfg.blocks):
-        raise UserError(f"relu_blocks={cfg.blocks}: the model's head names no input blocks to fit to")
-    fits = [(cfg.blocks + 1, [cfg.blocks], cfg.lr)] if cfg.blocks < before_head else []  # the next block absorbs
-    fits.append((before_head, fit_targets(student, cfg.blocks), cfg.lr / 10 if fits else cfg.lr))
     for count, targets, lr in fits:
         result.fits.append(_fit(student, teacher, images, count, targets, cfg, lr, device, progress))
     result.seconds = time.perf_counter() - t0
