@@ -29,7 +29,8 @@ STAGE_KEYS: dict[type, dict[str, str]] = {
                   "calib_percentile": "calib_percentile", "calib_images": "calib_images",
                   "max_int8_drop": "max_int8_drop", "int8_fallback": "fallback", "silu_floor": "silu_floor",
                   "seed": "seed"},
-    ReluConfig: {"relu_blocks": "blocks", "relu_epochs": "epochs", "relu_lr": "lr", "device": "device", "seed": "seed"},
+    ReluConfig: {"relu_blocks": "blocks", "relu_epochs": "epochs", "relu_lr": "lr", "relu_match": "match",
+                 "device": "device", "seed": "seed"},
 }
 
 

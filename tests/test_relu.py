@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import onnx
 import pytest
@@ -9,7 +10,8 @@ from compression.data import load_data_config
 from compression.errors import UserError
 from compression.export import export_onnx
 from compression.quantize import QuantConfig, ptq
-from compression.relu import ReluConfig, _block_outputs, fit_relu, fit_targets, head_inputs, swap_relu_
+from compression.relu import (ReluConfig, _block_outputs, fit_relu, fit_targets, head_inputs, match_relu_,
+                              swap_relu_)
 from conftest import lively
 
 
@@ -38,6 +40,24 @@ def feature_error(student, teacher, x, blocks: list[int]) -> float:
         return float(sum(((s - t) ** 2).mean() / t.var() for s, t in pairs) / len(blocks))
 
 
+def test_matching_before_the_swap_brings_relu_closer_to_the_silu_it_replaces(tiny_yolov5):
+    torch.manual_seed(0)
+    images = (torch.rand(8, 3, 64, 64) * 255).to(torch.uint8)
+    teacher = lively(tiny_yolov5, images.float() / 255)
+    plain, matched = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    before = {n: p.clone() for n, p in matched.named_parameters()}
+    assert match_relu_(matched, 3, images[:4], batch=2) == swap_relu_(copy.deepcopy(teacher), 3)
+    swap_relu_(plain, 3)
+    swap_relu_(matched, 3)
+    # only the BatchNorms of model.0-2 moved, by a positive scale (a ReLU's input keeps its sign's meaning)
+    moved = {n for n, p in matched.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith(("model.0.", "model.1.", "model.2.")) and ".bn." in n for n in moved)
+    assert all((matched.get_parameter(n) / before[n]).gt(0).all() for n in moved if n.endswith("bn.weight"))
+    unseen = torch.rand(2, 3, 64, 64)  # not the images it matched on
+    assert feature_error(matched, teacher, unseen, [2]) < 0.5 * feature_error(plain, teacher, unseen, [2])
+    assert match_relu_(copy.deepcopy(teacher), 0, images) == 0
+
+
 def test_the_fit_matches_later_backbone_blocks_and_what_the_head_reads(tiny_yolov5):
     assert head_inputs(tiny_yolov5) == [17, 20, 23]
     assert fit_targets(tiny_yolov5, 3) == [3, 4, 5, 6, 7, 8, 9, 17, 20, 23]
@@ -52,6 +72,10 @@ def test_fitting_brings_the_model_back_towards_the_teacher_on_images_it_did_not_
     teacher = lively(tiny_yolov5, torch.rand(4, 3, 64, 64))
     cfg = ReluConfig(blocks=3, epochs=4, lr=0.01, batch=4, device="cpu")
     student, result = fit_relu(teacher, teacher, data, cfg, 64, progress=False)
+    assert result.matched == 0  # matching is asked for, not the default
+    _, with_match = fit_relu(teacher, teacher, data, dataclasses.replace(cfg, epochs=1, match=True), 64,
+                             progress=False)
+    assert with_match.matched == with_match.swapped > 0
     swapped = copy.deepcopy(teacher)
     assert result.swapped == swap_relu_(swapped, 3) and set(acts(student, range(3))) == {nn.ReLU}
     # two fits, each on every train image: the swapped blocks and the next one on its output, then every block
