@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compression.errors import UserError
-from compression.runtime import cache_dir, onnx_session
+from compression.runtime import cache_dir, file_key, onnx_session
 
 
 @dataclass
@@ -158,9 +158,8 @@ STATE_RUNS = 50  # each baseline file's latest runs on this machine from which t
 def _state_log(baseline: str | Path, threads: int) -> Path:
     """Where the medians of one baseline file, timed on this host with ``threads`` threads, are kept (JSON lines):
     one folder per host and thread count, one file per baseline file in it."""
-    st = Path(baseline).stat()
     machine = json.dumps([threads, socket.gethostname()])
-    key = json.dumps([str(Path(baseline).resolve()), st.st_size, st.st_mtime_ns])
+    key = json.dumps(file_key(baseline))
     return (cache_dir() / "latency" / hashlib.sha1(machine.encode()).hexdigest()[:16]
             / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.jsonl")
 

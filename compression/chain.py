@@ -40,17 +40,11 @@ from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import file_output_errors, output_errors, ptq, ptq_graph
 from compression.relu import fit_relu, swap_relu_
-from compression.runtime import cache_dir, copy_atomic, temp_sibling, write_atomic
+from compression.runtime import cache_dir, copy_atomic, file_key, temp_sibling, write_atomic
 
 STUDENT_VERSION = 7  # bump when the ReLU fit, pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
 QAT_ERROR_IMAGES = 64  # held-out images on which QAT's checkpoints are compared (its file and PTQ's: all of them)
-
-
-def _file_key(path: str | Path) -> list:
-    p = Path(path)
-    st = p.stat() if p.is_file() else None
-    return [str(p.resolve()), st and st.st_size, st and st.st_mtime_ns]
 
 
 def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
@@ -63,7 +57,7 @@ def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
         shaping = {"sparsity": 0}  # nothing is pruned or trained
     if cfg.relu_blocks:
         shaping["relu"] = {k: v for k, v in asdict(cfg.relu_config()).items() if k != "device"}
-    key = [STUDENT_VERSION, _file_key(weights), data["yaml_file"], imgsz, shaping]
+    key = [STUDENT_VERSION, file_key(weights), data["yaml_file"], imgsz, shaping]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

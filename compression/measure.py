@@ -12,7 +12,7 @@ from torch import nn
 from compression.benchmark import benchmark
 from compression.evaluate import evaluate
 from compression.export import EXPORT_VERSION, export_onnx
-from compression.runtime import cache_dir, temp_sibling, write_atomic
+from compression.runtime import cache_dir, file_key, temp_sibling, write_atomic
 
 
 @dataclass
@@ -40,9 +40,7 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
     The ONNX file is renamed into place before the JSON entry is, and each atomically, so concurrent trials never
     read half an entry. Latency is machine-state dependent: compare it only with a figure timed in the same run.
     """
-    st = Path(weights).stat() if Path(weights).is_file() else None
-    key = json.dumps([EXPORT_VERSION, str(Path(weights).resolve()), st and st.st_size, st and st.st_mtime_ns,
-                      data["yaml_file"], imgsz])
+    key = json.dumps([EXPORT_VERSION, *file_key(weights), data["yaml_file"], imgsz])
     entry = cache_dir() / "baselines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     onnx_path = entry.with_suffix(".onnx")
     if entry.is_file() and onnx_path.is_file():
@@ -58,8 +56,7 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
 def baseline_map(onnx_path: Path, data: dict, imgsz: int, progress: bool = True) -> float:
     """mAP50-95 of the baseline's ONNX file on ``data``'s val entry (the held-out train images of a trial), cached
     per (file, images, imgsz): every trial of an experiment holds out the same images."""
-    st = Path(onnx_path).stat()
-    key = json.dumps([str(Path(onnx_path).resolve()), st.st_size, st.st_mtime_ns, data["val"], imgsz])
+    key = json.dumps([*file_key(onnx_path), data["val"], imgsz])
     entry = cache_dir() / "baseline-maps" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if entry.is_file():
         return json.loads(entry.read_text())["mAP50_95"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
 import os
 import secrets
 import shutil
@@ -23,6 +25,24 @@ def shared_dir() -> Path | None:
     """The folder all machines of an experiment share (``$YC_SHARED``), or None when trials run on one machine."""
     value = os.environ.get(SHARED_ENV, "").strip()
     return Path(value).expanduser() if value else None
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a file rewritten in place is read again
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def file_key(path: str | Path) -> list:
+    """What a cache entry made from a file should be keyed on: the SHA-1 of its contents, so that a copy or a fresh
+    download of the same weights finds the entries made before (a path with its size and time did not: a dataset
+    folder provisioned again left every ReLU fit, baseline and reference curve to be made again); a path that is no
+    file gives its resolved path."""
+    p = Path(path)
+    if not p.is_file():
+        return [str(p.resolve()), None]
+    st = p.stat()
+    return [_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)]
 
 
 def cache_dir() -> Path:

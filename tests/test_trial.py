@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from compression.errors import UserError
 from compression.evaluate import evaluate
 from compression.prune import PruneConfig
 from compression.quantize import QuantConfig, int8_weight_count
+from compression.runtime import file_key
 from conftest import write_yolov5_checkpoint
 
 TRIAL = Path(__file__).resolve().parents[1] / "trial.py"
@@ -30,8 +33,6 @@ def run_trial(weights, data, out, *sets, env=None, imgsz=64):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    import os
-
     return {**os.environ, "YOLO_COMPRESS_CACHE": str(tmp_path_factory.mktemp("cache"))}
 
 
@@ -158,6 +159,24 @@ def test_a_relu_trial_ships_the_fitted_student_and_caches_it(tiny_pt, tiny_data,
     assert again["stages"]["cache"]["student"] == "hit" and again["stages"]["relu"] == relu
     assert again["result"]["mAP50_95"] == report["result"]["mAP50_95"]
     assert [n.op_type for n in onnx.load(str(tmp_path / "b" / "model.onnx")).graph.node] == ops
+    copied = tmp_path / "elsewhere" / "tiny.pt"  # the same weights under another path and time (a fresh download)
+    copied.parent.mkdir()
+    shutil.copy(tiny_pt, copied)
+    r = run_trial(copied, tiny_data, tmp_path / "c", *common, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["stages"]["cache"]["student"] == "hit"
+
+
+def test_caches_are_keyed_on_a_files_contents(tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    assert file_key(a) == file_key(b)
+    key, before = file_key(a), a.stat().st_mtime_ns
+    a.write_bytes(b"weighty")  # rewritten in place, same size
+    os.utime(a, ns=(before + 10**9, before + 10**9))  # a second later, even where file times are coarse
+    assert file_key(a) != key
+    assert file_key(tmp_path / "none.pt") == [str(tmp_path / "none.pt"), None]
 
 
 @pytest.mark.slow
