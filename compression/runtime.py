@@ -35,9 +35,9 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a fi
 
 def file_key(path: str | Path) -> list:
     """What a cache entry made from a file should be keyed on: the SHA-1 of its contents, so that a copy or a fresh
-    download of the same weights finds the entries made before (a path with its size and time did not: a dataset
-    folder provisioned again left every ReLU fit, baseline and reference curve to be made again); a path that is no
-    file gives its resolved path."""
+    download of the same weights finds the entries made before (a path with its size and time did not: weights
+    copied in again with a new file time left every ReLU fit, baseline and reference curve to be made again); a path
+    that is no file gives its resolved path."""
     p = Path(path)
     if not p.is_file():
         return [str(p.resolve()), None]
