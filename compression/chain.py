@@ -29,7 +29,7 @@ import torch
 
 from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
 from compression.config import TrialConfig
-from compression.data import check_labels, holdout_split, load_data_config, split_images, train_images
+from compression.data import check_labels, data_key, holdout_split, load_data_config, split_images, train_images
 from compression.distill import DistillResult, distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate
 from compression.export import export_onnx
@@ -57,7 +57,7 @@ def student_key(weights: str, data: dict, imgsz: int, cfg: TrialConfig) -> str:
         shaping = {"sparsity": 0}  # nothing is pruned or trained
     if cfg.relu_blocks:
         shaping["relu"] = {k: v for k, v in asdict(cfg.relu_config()).items() if k != "device"}
-    key = [STUDENT_VERSION, file_key(weights), data["yaml_file"], imgsz, shaping]
+    key = [STUDENT_VERSION, file_key(weights), data_key(data), imgsz, shaping]
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

@@ -9,6 +9,7 @@ directory), so a dataset folder can be moved as a whole.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import yaml
 from ultralytics.data.dataset import YOLODataset
 
 from compression.errors import UserError
-from compression.runtime import cache_dir, write_atomic
+from compression.runtime import cache_dir, file_key, write_atomic
 
 IMG_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -106,6 +107,27 @@ def load_data_config(path: str | Path, check_splits: tuple[str, ...] = ("val",))
             raise UserError(f"dataset yaml '{path}': '{split}' ({out[split]}) holds no images")
         check_labels(images, out["nc"])
     return out
+
+
+def data_key(data: dict) -> str:
+    """What a cache entry made from a loaded dataset should be keyed on, instead of its YAML's path: its class names
+    and, per split, each image's path inside the dataset folder and size with its label file's contents (SHA-1). A
+    copy of the dataset elsewhere finds the entries made before; an edited label file, an image added or removed,
+    misses them. An image rewritten in place at the same size is not seen (its contents are not read: a large
+    dataset would cost every trial a pass over its images)."""
+    root = Path(data["path"])
+    splits = {}
+    for split in ("train", "val"):
+        if not data.get(split):
+            continue
+        entries = []
+        for image in split_images(data, split):
+            label = label_file(image)
+            where = image.relative_to(root) if image.is_relative_to(root) else image
+            entries.append([str(where), image.stat().st_size, file_key(label)[0] if label.is_file() else None])
+        splits[split] = entries
+    text = json.dumps([data["names"], splits], sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def _download(url: str, root: Path, yaml_path) -> None:

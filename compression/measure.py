@@ -10,6 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from compression.benchmark import benchmark
+from compression.data import data_key
 from compression.evaluate import evaluate
 from compression.export import EXPORT_VERSION, export_onnx
 from compression.runtime import cache_dir, file_key, temp_sibling, write_atomic
@@ -40,7 +41,7 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
     The ONNX file is renamed into place before the JSON entry is, and each atomically, so concurrent trials never
     read half an entry. Latency is machine-state dependent: compare it only with a figure timed in the same run.
     """
-    key = json.dumps([EXPORT_VERSION, *file_key(weights), data["yaml_file"], imgsz])
+    key = json.dumps([EXPORT_VERSION, *file_key(weights), data_key(data), imgsz])
     entry = cache_dir() / "baselines" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     onnx_path = entry.with_suffix(".onnx")
     if entry.is_file() and onnx_path.is_file():

@@ -45,7 +45,7 @@ def reference_curves(weights: str | Path, data_path: str | Path, base_imgsz: int
     from compression.benchmark import benchmark_pair, ratio_interval
     from compression.chain import _atomic_json, quantize_stage
     from compression.config import TrialConfig
-    from compression.data import holdout_split, load_data_config
+    from compression.data import data_key, holdout_split, load_data_config
     from compression.evaluate import check_imgsz, evaluate
     from compression.export import EXPORT_VERSION
     from compression.measure import baseline
@@ -58,7 +58,7 @@ def reference_curves(weights: str | Path, data_path: str | Path, base_imgsz: int
     sizes = sorted({check_imgsz(s, stride) for s in sizes}) if sizes else reference_sizes(base_imgsz, stride)
     cfg = TrialConfig()
     data = load_data_config(data_path, ("train", "val"))
-    key = json.dumps([REFERENCE_VERSION, EXPORT_VERSION, file_key(weights), data["yaml_file"], base_imgsz, sizes,
+    key = json.dumps([REFERENCE_VERSION, EXPORT_VERSION, file_key(weights), data_key(data), base_imgsz, sizes,
                       asdict(cfg.quant_config()), cfg.holdout_images])
     entry = cache_dir() / "reference" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if entry.is_file():

@@ -1,7 +1,10 @@
+import os
+import shutil
+
 import pytest
 import yaml
 
-from compression.data import build_dataset, label_file, load_data_config, split_images
+from compression.data import build_dataset, data_key, label_file, load_data_config, split_images
 from compression.errors import UserError
 from conftest import COCO128, needs_shared
 
@@ -59,3 +62,23 @@ def test_coco128_reads_read_only_shared_folder():
     assert data["nc"] == 80 and len(split_images(data, "val")) == 128
     build_dataset(data, "val", 640)
     assert not list(COCO128.parent.glob("labels/*.cache"))  # nothing written into the dataset
+
+
+def test_the_cache_key_of_a_dataset_follows_its_contents_not_its_place(tiny_data, tmp_path):
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_data.parent, copy)
+    key = data_key(load_data_config(tiny_data, ("train", "val")))
+    assert data_key(load_data_config(copy / "data.yaml", ("train", "val"))) == key  # moved: the caches still hit
+    label = copy / "labels" / "train" / "0.txt"
+    before = label.stat().st_mtime_ns
+    label.write_text(label.read_text().replace("0 ", "1 ", 1))  # a class fixed in place: same size
+    os.utime(label, ns=(before + 10**9, before + 10**9))
+    edited = data_key(load_data_config(copy / "data.yaml", ("train", "val")))
+    assert edited != key
+    (copy / "images" / "val" / "3.jpg").unlink()
+    fewer = data_key(load_data_config(copy / "data.yaml", ("train", "val")))
+    assert fewer not in (key, edited)
+    cfg = yaml.safe_load((copy / "data.yaml").read_text())
+    cfg["names"] = {0: "box", 1: "disc"}
+    (copy / "data.yaml").write_text(yaml.safe_dump(cfg))
+    assert data_key(load_data_config(copy / "data.yaml", ("train", "val"))) not in (key, edited, fewer)
