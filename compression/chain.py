@@ -31,7 +31,7 @@ from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_i
 from compression.config import TrialConfig
 from compression.data import check_labels, data_key, holdout_split, load_data_config, split_images, train_images
 from compression.distill import DistillResult, distill
-from compression.evaluate import EvalResult, check_imgsz, evaluate
+from compression.evaluate import EvalResult, check_imgsz, evaluate, map_drop_sd
 from compression.export import export_onnx
 from compression.lowrank import STATS_IMAGES
 from compression.measure import Measurement, baseline, baseline_map
@@ -200,6 +200,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     stage("baseline")
     base, base_onnx = baseline(teacher, weights, data, base_imgsz, progress=progress)
     evals: list[dict] = []
+    held_out: dict[str, EvalResult] = {}  # the quantize stage's evaluations, by file contents (file_key)
 
     def record_eval(name: str, record: dict) -> None:
         evals.append({"stage": name, **record})
@@ -214,7 +215,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     if cfg.quantize:
         stage("quantize")
         stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, train, holdout, imgsz, cfg,
-                                            record_eval, progress)
+                                            record_eval, progress, held_out)
     else:
         copy_atomic(fp32_path, model_path)
     stage("measure")
@@ -227,9 +228,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
                                        progress=progress)
     params, macs = count_params_and_macs(student, imgsz)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
-    # the quantize stage evaluated the file it shipped on the same images (its last round): not again
-    shipped = stages["quantize"]["rounds"][-1]["mAP50_95"] if cfg.quantize else None
-    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress, shipped)
+    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress, held_out)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
     report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
@@ -246,20 +245,23 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
 
 def selection_figures(model_path: Path, base_onnx: Path, train: dict, holdout: dict | None, imgsz: int,
-                      base_imgsz: int, progress: bool, shipped_map: float | None = None) -> dict:
-    """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file (``shipped_map`` when already
-    measured there) and of the FP32 baseline (each at its own size) on the held-out train images; without any, on
-    the train split (the images :func:`quantize_stage` chooses on); never on val, whose figure the report gives.
+                      base_imgsz: int, progress: bool, evaluated: dict[str, EvalResult] | None = None) -> dict:
+    """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file and of the FP32 baseline (each at
+    its own size) on the held-out train images, and ``drop_sd``, how much their difference moves with the images it
+    is read on (:func:`compression.evaluate.map_drop_sd`); without held-out images, on the train split (the images
+    :func:`quantize_stage` chooses on); never on val, whose figure the report gives. ``evaluated``: evaluations
+    already made there, by :func:`compression.runtime.file_key` (the quantize stage's), not made again.
     A dataset with no train images leaves only val: ``{"on": "val"}`` says so."""
     if holdout is None and not (train.get("train") and split_images(train, "train")):
         return {"on": "val"}
     on = holdout or {**train, "val": train["train"]}
     images = split_images(on, "val")
     check_labels(images, on["nc"])  # a trial that neither trains nor calibrates has not checked them yet
-    return {"on": "holdout" if holdout else "train", "images": len(images),
-            "mAP50_95": evaluate(model_path, on, imgsz, progress=progress).mAP50_95 if shipped_map is None
-            else shipped_map,
-            "baseline_mAP50_95": baseline_map(base_onnx, on, base_imgsz, progress=progress)}
+    shipped = (evaluated or {}).get(file_key(model_path)[0]) or evaluate(model_path, on, imgsz, progress=progress,
+                                                                          keep_images=True)
+    base = baseline_map(base_onnx, on, base_imgsz, progress=progress)
+    return {"on": "holdout" if holdout else "train", "images": len(images), "mAP50_95": shipped.mAP50_95,
+            "baseline_mAP50_95": base.mAP50_95, "drop_sd": map_drop_sd(base.per_image, shipped.per_image)}
 
 
 def fp32_student(teacher, weights: str, data: dict, train: dict, holdout: dict | None, imgsz: int, cfg: TrialConfig,
@@ -302,7 +304,8 @@ def compare(result, base, interval: tuple[float, float]) -> dict:
 
 
 def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: dict, holdout: dict | None,
-                   imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool) -> dict:
+                   imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool,
+                   evaluated: dict[str, EvalResult] | None = None) -> dict:
     """PTQ of ``fp32_path`` into ``model_path``; with ``qat_epochs``, then QAT of ``student`` from that PTQ file.
 
     QAT trains the fake-quantized twin of the PTQ file (:func:`compression.qat.prepare_qat`), keeps the checkpoint
@@ -312,14 +315,18 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
     held out), never on val. mAP50-95 there is recorded for the checkpoints and both files, but does not choose:
     on a few hundred images files of equal merit differ by up to 0.01 (YOLOv5n at 448, coco1k: QAT files 4-11x
     closer to FP32 than their PTQ files scored -0.0014..+0.011 against them on 253 held-out images, +0.003..+0.010
-    on val). The fallback's drop check and its choice of round read the same images."""
+    on val). The fallback's drop check and its choice of round read the same images; ``evaluated`` (when given)
+    keeps each of those evaluations by :func:`compression.runtime.file_key`."""
     qcfg = cfg.quant_config()
     images = train_images(train, qcfg.calib_images, imgsz, cfg.seed)
     chosen_on = "holdout" if holdout else "train"
     choose_on = holdout or {**train, "val": train["train"]}  # no held-out images: the train split, never val
 
     def eval_fn(path):
-        return evaluate(path, choose_on, imgsz, progress=False).mAP50_95
+        res = evaluate(path, choose_on, imgsz, progress=False, keep_images=evaluated is not None)
+        if evaluated is not None:
+            evaluated[file_key(path)[0]] = res
+        return res.mAP50_95
 
     if cfg.qat_epochs == 0:
         return {**asdict(ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, progress=progress)),

@@ -7,11 +7,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from compression.benchmark import benchmark
 from compression.data import data_key
-from compression.evaluate import evaluate
+from compression.evaluate import IMAGE_STATS, EvalResult, evaluate
 from compression.export import EXPORT_VERSION, export_onnx
 from compression.runtime import cache_dir, file_key, temp_sibling, write_atomic
 
@@ -54,14 +55,25 @@ def baseline(model: nn.Module, weights: str, data: dict, imgsz: int,
     return result, onnx_path
 
 
-def baseline_map(onnx_path: Path, data: dict, imgsz: int, progress: bool = True) -> float:
-    """mAP50-95 of the baseline's ONNX file on ``data``'s val entry (the held-out train images of a trial), cached
-    per (file, images, imgsz): every trial of an experiment holds out the same images."""
+def baseline_map(onnx_path: Path, data: dict, imgsz: int, progress: bool = True) -> EvalResult:
+    """The baseline's ONNX file on ``data``'s val entry (the held-out train images of a trial), with each image's
+    matches (``per_image``), cached per (file, images, imgsz): every trial of an experiment holds out the same
+    images."""
     key = json.dumps([*file_key(onnx_path), data["val"], imgsz])
     entry = cache_dir() / "baseline-maps" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    if entry.is_file():
-        return json.loads(entry.read_text())["mAP50_95"]
-    value = evaluate(onnx_path, data, imgsz, progress=progress).mAP50_95
+    arrays = entry.with_suffix(".npz")
+    if entry.is_file() and arrays.is_file():
+        head = json.loads(entry.read_text())
+        with np.load(arrays) as z:
+            per_image = {k: np.split(z[k], np.cumsum(z[f"{k}_counts"])[:-1]) for k in IMAGE_STATS}
+        return EvalResult(head["mAP50"], head["mAP50_95"], len(head["names"]), per_image | {"names": head["names"]})
+    res = evaluate(onnx_path, data, imgsz, progress=progress, keep_images=True)
     entry.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(entry, json.dumps({"mAP50_95": value}))
-    return value
+    stats = res.per_image
+    tmp = temp_sibling(arrays)
+    with open(tmp, "wb") as f:  # an open file: np.savez would add ".npz" to a path
+        np.savez(f, **{k: np.concatenate(stats[k], 0) for k in IMAGE_STATS},
+                 **{f"{k}_counts": np.array([len(v) for v in stats[k]]) for k in IMAGE_STATS})
+    tmp.replace(arrays)  # the arrays first: an entry is only read with its arrays beside it
+    write_atomic(entry, json.dumps({"mAP50": res.mAP50, "mAP50_95": res.mAP50_95, "names": stats["names"]}))
+    return res

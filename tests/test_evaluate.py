@@ -3,7 +3,7 @@ import torch
 
 from compression.data import build_dataset, build_loader, load_data_config
 from compression.errors import UserError
-from compression.evaluate import check_imgsz, evaluate
+from compression.evaluate import check_imgsz, evaluate, map_drop_sd
 from compression.export import export_onnx
 from compression.models import load_model
 from compression.runtime import Predictor
@@ -11,7 +11,8 @@ from conftest import COCO128, YOLOV5N_PT, needs_shared
 
 
 class _OraclePredictor(Predictor):
-    """Predicts each val image's ground-truth boxes (optionally shifted), in loader order."""
+    """Predicts each val image's ground-truth boxes (optionally shifted: by one amount, or one per image), in loader
+    order."""
 
     def __init__(self, data, imgsz, shift=0.0):
         self.names, self.stride, self.imgsz, self.device = data["names"], 32, None, torch.device("cpu")
@@ -22,10 +23,11 @@ class _OraclePredictor(Predictor):
         out = torch.zeros(img.shape[0], 4 + len(self.names), 10)
         for b in range(img.shape[0]):
             lab = self.labels[self.seen]
+            shift = self.shift[self.seen] if isinstance(self.shift, list) else self.shift
             self.seen += 1
             for j, (cls, box) in enumerate(zip(lab["cls"].flatten(), lab["bboxes"])):
                 xywh = torch.tensor(box) * self.size  # 96 px squares letterboxed to imgsz: scale only
-                xywh[0] += self.shift * xywh[2]
+                xywh[0] += shift * xywh[2]
                 out[b, :4, j] = xywh
                 out[b, 4 + int(cls), j] = 0.9
         return out
@@ -37,6 +39,24 @@ def test_perfect_predictions_score_one_and_shifted_ones_less(tiny_data):
     assert perfect.mAP50 > 0.99 and perfect.mAP50_95 > 0.95
     shifted = evaluate(_OraclePredictor(data, 64, shift=0.2), data, 64, progress=False)
     assert shifted.mAP50 > 0.99 and shifted.mAP50_95 < 0.7  # IoU ~0.67: counts at 0.5, not at 0.7+
+
+
+def test_the_spread_of_a_drop_comes_from_the_images_that_lose(tiny_data):
+    data = load_data_config(tiny_data)
+    perfect = evaluate(_OraclePredictor(data, 64), data, 64, progress=False, keep_images=True)
+    assert len(perfect.per_image["names"]) == len(perfect.per_image["tp"]) == 4
+    assert evaluate(_OraclePredictor(data, 64), data, 64, progress=False).per_image is None  # only when asked
+    assert map_drop_sd(perfect.per_image, perfect.per_image) == 0.0
+    everywhere = evaluate(_OraclePredictor(data, 64, shift=0.2), data, 64, progress=False, keep_images=True)
+    one_image = evaluate(_OraclePredictor(data, 64, shift=[0.4, 0, 0, 0]), data, 64, progress=False,
+                         keep_images=True)
+    assert perfect.mAP50_95 - everywhere.mAP50_95 > 0.3 and perfect.mAP50_95 - one_image.mAP50_95 > 0.05
+    # every image loses alike: any draw of them loses the same; one image loses: the draws disagree
+    assert map_drop_sd(perfect.per_image, everywhere.per_image) < 0.01
+    assert map_drop_sd(perfect.per_image, one_image.per_image) > 0.05
+    reordered = {k: v[::-1] for k, v in one_image.per_image.items()}
+    with pytest.raises(ValueError, match="same images"):
+        map_drop_sd(perfect.per_image, reordered)
 
 
 def test_torch_and_onnx_predict_the_same_on_val_images(tiny_yolov5, tiny_data, tmp_path):

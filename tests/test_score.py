@@ -40,3 +40,13 @@ def test_the_score_reads_the_held_out_figures_and_shows_val():
     assert (final["mAP50_95"], final["score_mAP50_95"]) == (0.30, 0.20)
     moved_val = {**rep, "result": {**rep["result"], "mAP50_95": 0.01}, "baseline": {**rep["baseline"], "mAP50_95": 0.9}}
     assert score(moved_val, cfg)["default"] == final["default"]
+
+
+def test_a_drop_inside_the_allowance_only_by_less_than_its_spread_is_penalised():
+    held_out = {"on": "holdout", "images": 253, "mAP50_95": 0.285, "baseline_mAP50_95": 0.30}  # 1.5 points lost
+    rep = {**report(0.30, 5.0, 8.0), "selection": {**held_out, "drop_sd": 0.01}}
+    cfg = ScoreConfig(w_map=0, w_size=0)
+    assert score(rep, cfg)["default"] == pytest.approx(2.0 * 0.5 ** 0.5)  # 1.5 + 1 sd = 2.5 points: half past
+    assert score(rep, cfg)["score_drop_sd"] == 0.01
+    assert score(rep, ScoreConfig(w_map=0, w_size=0, drop_sds=0))["default"] == pytest.approx(2.0)
+    assert score({**rep, "selection": held_out}, cfg)["default"] == pytest.approx(2.0)  # reports before drop_sd

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -268,9 +269,11 @@ def test_the_tuners_score_is_measured_on_held_out_train_images_never_on_val(tiny
     val = load_data_config(tiny_data)["val"]
     read = []
 
-    def fake_evaluate(model, data, imgsz, progress=True, **kw):  # val scores 0.9, any other split 0.1
+    def fake_evaluate(model, data, imgsz, progress=True, keep_images=False, **kw):  # val 0.9, any other split 0.1
         read.append(data["val"])
-        return EvalResult(0.5, 0.9 if data["val"] == val else 0.1, 1)
+        one_image = {"tp": [np.ones((1, 10), bool)], "conf": [np.ones(1)], "pred_cls": [np.zeros(1)],
+                     "target_cls": [np.zeros(1)], "names": ["a.jpg"]}
+        return EvalResult(0.5, 0.9 if data["val"] == val else 0.1, 1, one_image if keep_images else None)
 
     monkeypatch.setattr(chain, "evaluate", fake_evaluate)
     monkeypatch.setattr(measure, "evaluate", fake_evaluate)
@@ -279,6 +282,7 @@ def test_the_tuners_score_is_measured_on_held_out_train_images_never_on_val(tiny
                              score_fn=lambda r: score(r, ScoreConfig()))
     sel = report["selection"]
     assert (sel["on"], sel["images"], sel["mAP50_95"], sel["baseline_mAP50_95"]) == ("holdout", 2, 0.1, 0.1)
+    assert sel["drop_sd"] == 0.0  # one image, the same matches for both files
     assert report["result"]["mAP50_95"] == 0.9 and report["final"]["score_mAP50_95"] == 0.1
     assert [v for v in read if v != val]  # the held-out images were read, for the shipped file and the baseline
 
