@@ -4,7 +4,8 @@
                           -> export_onnx -> evaluate / benchmark beside the FP32 baseline -> score -> report
 
 Under NNI (``nnictl create --config experiment.yml``) the parameters come from the tuner, each held-out
-evaluation of a training run (mAP on train images that training never sees) is reported as an intermediate result,
+evaluation of a training run (mAP on train images that training never sees, over the unpruned FP32 model's at the
+trial's input size) is reported as an intermediate result,
 and the final metric is ``{"default": score, "mAP50_95", ...}``; artifacts go to the trial's ``NNI_OUTPUT_DIR``, or to
 ``$YC_SHARED/experiments/<experiment>/<trial>`` when ``YC_SHARED`` names a folder all machines share (remote trials).
 Standalone:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         def on_eval(record):
             print(json.dumps({"eval": record}), flush=True)
             if nni is not None:
-                nni.report_intermediate_result(record["mAP50_95"])
+                nni.report_intermediate_result(record.get("relative_mAP50_95", record["mAP50_95"]))
 
         report = run_chain(args.weights, args.data, args.imgsz, cfg, out, on_eval=on_eval,
                            progress=sys.stderr.isatty(), score_fn=lambda r: score(r, score_cfg),

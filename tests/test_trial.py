@@ -16,6 +16,8 @@ from compression.data import holdout_split, load_data_config
 from compression.distill import DistillConfig
 from compression.errors import UserError
 from compression.evaluate import evaluate
+from compression.export import export_onnx
+from compression.models import load_model
 from compression.prune import PruneConfig
 from compression.quantize import QuantConfig, int8_weight_count
 from compression.runtime import file_key
@@ -58,6 +60,13 @@ def test_chain_writes_model_and_report(tiny_pt, tiny_data, tmp_path, env):
                for r in report["stages"]["prune"]["rounds"])
     assert [e["step"] for e in report["stages"]["distill"]["evals"]] == [1, 2]
     assert [(e["stage"], e["step"]) for e in report["evals"]] == [("distill", 1), ("distill", 2)]
+    # the assessor's figure: that mAP over the unpruned model's on the same images at the same size
+    unpruned = report["evals"][0]["mAP50_95"] / report["evals"][0]["relative_mAP50_95"]
+    assert unpruned > 0 and all(e["relative_mAP50_95"] == pytest.approx(e["mAP50_95"] / unpruned)
+                                for e in report["evals"])
+    _, held = holdout_split(load_data_config(tiny_data, ("train", "val")), 256)
+    teacher_file = export_onnx(load_model(str(tiny_pt)), 64, tmp_path / "teacher.onnx").onnx_path
+    assert unpruned == pytest.approx(evaluate(teacher_file, held, 64, progress=False).mAP50_95)
     final = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"default", "mAP50_95", "mAP50", "latency_ms", "size_mb", "params", "macs", "speedup",
             "compression"} <= set(final) and final == report["final"]
