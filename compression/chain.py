@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -202,16 +203,17 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     evals: list[dict] = []
     held_out: dict[str, EvalResult] = {}  # the quantize stage's evaluations, by file contents (file_key)
 
-    unpruned: list[float] = []  # the unpruned FP32 model's held-out mAP50-95 at this size, once a training run asks
+    @functools.cache
+    def unpruned_map() -> float:  # the unpruned FP32 model's held-out mAP50-95 at this size, once a training run asks
+        _, size_onnx = baseline(teacher, weights, data, imgsz, progress=False)
+        return baseline_map(size_onnx, holdout, imgsz, progress=False).mAP50_95
 
     def record_eval(name: str, record: dict) -> None:
         if holdout is not None and "mAP50_95" in record:
             # what NNI's assessor compares between trials: how much of the unpruned model's mAP50-95 at the same
             # input size a training run holds, not the mAP itself, which is lower at every smaller size
-            if not unpruned:
-                _, size_onnx = baseline(teacher, weights, data, imgsz, progress=False)
-                unpruned.append(baseline_map(size_onnx, holdout, imgsz, progress=False).mAP50_95)
-            record = {**record, "relative_mAP50_95": record["mAP50_95"] / unpruned[0] if unpruned[0] > 0 else 0.0}
+            record = {**record, "relative_mAP50_95": record["mAP50_95"] / unpruned_map() if unpruned_map() > 0
+                      else 0.0}
         evals.append({"stage": name, **record})
         if on_eval:
             on_eval({"stage": name, "index": len(evals), **record})
