@@ -77,7 +77,10 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
         validator.init_metrics(predictor)
         for batch_ in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
             batch_ = validator.preprocess(batch_)
-            preds = validator.postprocess(predictor(batch_["img"]).cpu())
+            out = predictor(batch_["img"]).cpu()
+            # one image per NMS call: ultralytics stops a call after 2 s + 0.05 s per image and leaves the rest of
+            # the batch without detections, so on a busy machine a batch of 16 lost boxes and mAP moved with load
+            preds = [p for i in range(len(out)) for p in validator.postprocess(out[i:i + 1])]
             validator.update_metrics(preds, batch_)
         per_image = ({k: list(validator.metrics.stats[k]) for k in IMAGE_STATS} | {"names": list(dataset.im_files)}
                      if keep_images else None)  # get_stats clears them

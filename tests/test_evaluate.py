@@ -41,6 +41,18 @@ def test_perfect_predictions_score_one_and_shifted_ones_less(tiny_data):
     assert shifted.mAP50 > 0.99 and shifted.mAP50_95 < 0.7  # IoU ~0.67: counts at 0.5, not at 0.7+
 
 
+def test_a_slow_nms_loses_no_image_of_a_batch(tiny_data, monkeypatch):
+    import types
+
+    from ultralytics.utils import nms
+
+    clock = iter(range(0, 10**6, 100))  # every reading of NMS's clock is 100 s after the last: always past its limit
+    monkeypatch.setattr(nms, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    data = load_data_config(tiny_data)
+    result = evaluate(_OraclePredictor(data, 64), data, 64, batch=4, progress=False)
+    assert result.images == 4 and result.mAP50 > 0.99 and result.mAP50_95 > 0.95
+
+
 def test_the_spread_of_a_drop_comes_from_the_images_that_lose(tiny_data):
     data = load_data_config(tiny_data)
     perfect = evaluate(_OraclePredictor(data, 64), data, 64, progress=False, keep_images=True)
