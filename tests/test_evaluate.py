@@ -1,5 +1,8 @@
+import types
+
 import pytest
 import torch
+from ultralytics.utils import nms
 
 from compression.data import build_dataset, build_loader, load_data_config
 from compression.errors import UserError
@@ -42,10 +45,6 @@ def test_perfect_predictions_score_one_and_shifted_ones_less(tiny_data):
 
 
 def test_a_slow_nms_loses_no_image_of_a_batch(tiny_data, monkeypatch):
-    import types
-
-    from ultralytics.utils import nms
-
     clock = iter(range(0, 10**6, 100))  # every reading of NMS's clock is 100 s after the last: always past its limit
     monkeypatch.setattr(nms, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
     data = load_data_config(tiny_data)
