@@ -80,6 +80,23 @@ def _best(args) -> dict:
     return export_best(best_trial(_trials(args), args.metric), args.out)
 
 
+def _history(args) -> dict:
+    from compression.errors import UserError
+    from compression.experiment import tuner_history
+    from compression.runtime import write_atomic
+
+    try:
+        space = json.loads(Path(args.space).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the search space '{args.space}': {e}") from None
+    records, left_out = tuner_history(_trials(args), space)
+    if not records:
+        raise UserError(f"experiment {args.experiment} has no succeeded trial that fits {args.space}")
+    write_atomic(Path(args.out), json.dumps(records, indent=1))
+    return {"trials": len(records), "left_out": left_out, "out": args.out,
+            "next": f"nnictl experiment import <new experiment id> --filename {args.out}"}
+
+
 def _report(args) -> dict:
     from compression.reference import reference_for_report
     from compression.report import complete_reports, write_report
@@ -151,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="final-metric key to rank by (default: the score, on held-out train images; ranking by "
                         "mAP50_95, the val figure, makes the best trial's val mAP an optimistic estimate)")
     p.set_defaults(func=_best)
+
+    p = _experiment_parser(sub, "history", "write an experiment's finished trials as NNI import data, to start a new "
+                                           "experiment's tuner from them (same weights, data and budget)")
+    p.add_argument("--out", required=True, help="output .json, for nnictl experiment import <id> --filename")
+    p.add_argument("--space", default=str(ROOT / "search_space.json"),
+                   help="the new experiment's search space: trials that do not fit it are left out")
+    p.set_defaults(func=_history)
 
     p = sub.add_parser("infer", help="draw detections on an image or a folder of images; JSON of detections")
     p.add_argument("--model", required=True, help=".pt, .yaml or .onnx")

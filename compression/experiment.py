@@ -183,3 +183,29 @@ def export_best(trial: Trial, out: str | Path) -> dict:
         copy_atomic(src, dst)
     return {"trial": trial.id, "onnx": str(out), "report": str(report_out), "parameters": trial.parameters,
             **trial.metrics}
+
+
+def _in_space(value, spec: dict) -> bool:
+    kind, allowed = spec.get("_type"), spec.get("_value", [])
+    if kind == "choice":
+        return value in allowed
+    if kind in ("uniform", "loguniform", "quniform", "qloguniform") and isinstance(value, (int, float)):
+        return allowed[0] <= value <= allowed[1]
+    return False  # a type this check does not know: leave the trial out rather than hand TPE a value it rejects
+
+
+def tuner_history(trials: list[Trial], space: dict) -> tuple[list[dict], list[str]]:
+    """The finished trials as NNI's import data (``nnictl experiment import <id> -f FILE``): one
+    ``{"parameter": ..., "value": score}`` per SUCCEEDED trial with a numeric score, so a new experiment's tuner
+    starts from what an earlier one learned. Trials whose parameters do not fit ``space`` (its keys and values: a
+    search space changed since) are left out; returns ``(records, ids left out)``."""
+    records, left_out = [], []
+    for t in trials:
+        value = t.metrics.get("default")
+        if t.status != "SUCCEEDED" or not isinstance(value, (int, float)):
+            continue
+        if set(t.parameters) == set(space) and all(_in_space(t.parameters[k], space[k]) for k in space):
+            records.append({"parameter": t.parameters, "value": value})
+        else:
+            left_out.append(t.id)
+    return records, left_out

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compression.experiment import best_trial, trials_from_disk
+from compression.experiment import Trial, best_trial, trials_from_disk, tuner_history
 from compression.runtime import onnx_session
 from conftest import write_yolov5_checkpoint
 
@@ -120,6 +120,42 @@ def test_report_writes_html_and_png_with_the_pareto_front(experiment):
     assert all(t in page for t in res["pareto"])
     # the line to beat: the unpruned model's FP32 and INT8 points at the base size (64 px: no smaller reference size)
     assert res["reference_points"] == 2 and "The line to beat" in page and "<th>imgsz</th>" in page
+
+
+def test_history_hands_the_finished_trials_to_a_new_tuner(experiment):
+    space = experiment["tmp"] / "space.json"
+    space.write_text(json.dumps(yaml.safe_load((experiment["tmp"] / "smoke.yml").read_text())["searchSpace"]))
+    out = experiment["tmp"] / "prior.json"
+    r = subprocess.run([sys.executable, "-m", "compression", "history", "--experiment", experiment["id"], "--root",
+                        str(experiment["root"]), "--out", str(out), "--space", str(space)], capture_output=True,
+                       text=True, timeout=120, env=experiment["env"], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    records = json.loads(out.read_text())
+    done = [t for t in trials_from_disk(experiment["id"], experiment["root"]) if t.status == "SUCCEEDED"]
+    assert len(records) == len(done) == 2
+    assert sorted(map(json.dumps, records)) == sorted(json.dumps({"parameter": t.parameters,
+                                                                  "value": t.metrics["default"]}) for t in done)
+    # NNI's own import hands them to the (still running) experiment's TPE, which replays them
+    subprocess.run([str(NNICTL), "experiment", "import", experiment["id"], "--filename", str(out)],
+                   capture_output=True, text=True, timeout=60, env=experiment["env"])
+    log = experiment["root"] / experiment["id"] / "log" / "dispatcher.log"
+    deadline = time.time() + 30
+    while "Replayed 2 FINISHED trials" not in log.read_text() and time.time() < deadline:
+        time.sleep(1)
+    assert "Replayed 2 FINISHED trials" in log.read_text()
+
+
+def test_history_leaves_out_what_the_new_space_cannot_take():
+    space = {"imgsz": {"_type": "choice", "_value": [320, 448]}, "lr": {"_type": "loguniform", "_value": [0.001, 0.01]}}
+    trials = [Trial("fits", "SUCCEEDED", None, {"default": 2.0}, {"imgsz": 448, "lr": 0.005}),
+              Trial("old_size", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 640, "lr": 0.005}),
+              Trial("lr_out", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 320, "lr": 0.05}),
+              Trial("new_key", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 320}),
+              Trial("stopped", "USER_CANCELED", None, {}, {"imgsz": 320, "lr": 0.005}),
+              Trial("failed", "FAILED", None, {"default": 1.0}, {"imgsz": 320, "lr": 0.005})]
+    records, left_out = tuner_history(trials, space)
+    assert records == [{"parameter": {"imgsz": 448, "lr": 0.005}, "value": 2.0}]
+    assert left_out == ["old_size", "lr_out", "new_key"]
 
 
 def test_pareto_front_keeps_only_undominated_points():
