@@ -212,8 +212,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
         if holdout is not None and "mAP50_95" in record:
             # what NNI's assessor compares between trials: how much of the unpruned model's mAP50-95 at the same
             # input size a training run holds, not the mAP itself, which is lower at every smaller size
-            record = {**record, "relative_mAP50_95": record["mAP50_95"] / unpruned_map() if unpruned_map() > 0
-                      else 0.0}
+            reference = unpruned_map()
+            record = {**record, "relative_mAP50_95": record["mAP50_95"] / reference if reference > 0 else 0.0}
         evals.append({"stage": name, **record})
         if on_eval:
             on_eval({"stage": name, "index": len(evals), **record})
