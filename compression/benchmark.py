@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compression.errors import UserError
-from compression.runtime import cache_dir, file_key, onnx_session
+from compression.runtime import Size, cache_dir, file_key, fixed_size, hw, onnx_session, size_text
 
 
 @dataclass
@@ -27,25 +27,25 @@ class BenchResult:
     runs: int
     params: int | None = None  # from the torch model, when one is given
     macs: int | None = None
-    imgsz: int | None = None  # input side timed
+    imgsz: Size | None = None  # input size timed (a square side, or (height, width))
     blocks: list[list[float]] = field(default_factory=list, repr=False)  # benchmark_pair: timings per session pair (ms)
     state_sd: float = 0.0  # benchmark_pair's baseline: spread of log(latency) between runs on this machine
     state_runs: int = 0  # how many logged runs that spread is from (this host, these threads); 0 when none
     state_dof: int = 0  # its degrees of freedom: the runs less one per baseline file
 
 
-def count_params_and_macs(model: nn.Module, imgsz: int) -> tuple[int, int]:
-    """Parameters and multiply-accumulates of one ``imgsz`` x ``imgsz`` image (Torch-Pruning's counter)."""
+def count_params_and_macs(model: nn.Module, imgsz: Size) -> tuple[int, int]:
+    """Parameters and multiply-accumulates of one image of size ``imgsz`` (Torch-Pruning's counter)."""
     import torch_pruning as tp
 
     device = next(model.parameters()).device
     was_training = model.training
-    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, imgsz, imgsz, device=device))
+    macs, params = tp.utils.count_ops_and_params(model.eval(), torch.zeros(1, 3, *hw(imgsz), device=device))
     model.train(was_training)
     return int(params), int(macs)
 
 
-def benchmark(onnx_path: str | Path, imgsz: int | None = None, runs: int = 50, warmup: int = 10,
+def benchmark(onnx_path: str | Path, imgsz: Size | None = None, runs: int = 50, warmup: int = 10,
               threads: int | None = None, model: nn.Module | None = None, progress: bool = True) -> BenchResult:
     """Time batch-1 inference of an ONNX file in ONNX Runtime on the CPU: ``warmup`` runs, then ``runs`` timed.
 
@@ -64,11 +64,10 @@ def benchmark(onnx_path: str | Path, imgsz: int | None = None, runs: int = 50, w
         raise UserError(f"ONNX model '{onnx_path}' not found")
     session = onnx_session(onnx_path, threads)
     inp = session.get_inputs()[0]
-    fixed = inp.shape[2] if isinstance(inp.shape[2], int) else None
+    fixed = fixed_size(session)
     imgsz = imgsz or fixed or 640
-    if fixed and fixed != imgsz:
-        raise UserError(f"ONNX model '{onnx_path}' has a fixed input of {fixed} px, but imgsz={imgsz} was asked")
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+    _check_fixed(onnx_path, fixed, imgsz)
+    x = np.random.default_rng(0).random((1, 3, *hw(imgsz)), dtype=np.float32)
     times = []
     for i in tqdm(range(warmup + runs), desc=f"benchmark {Path(onnx_path).name}", disable=not progress, leave=False):
         t0 = time.perf_counter()
@@ -85,12 +84,13 @@ def benchmark(onnx_path: str | Path, imgsz: int | None = None, runs: int = 50, w
     )
 
 
-def _fixed_size(session) -> int | None:
-    size = session.get_inputs()[0].shape[2]
-    return size if isinstance(size, int) else None
+def _check_fixed(path: str | Path, fixed: Size | None, imgsz: Size | None) -> None:
+    if fixed and imgsz and hw(fixed) != hw(imgsz):
+        raise UserError(f"ONNX model '{path}' has a fixed input of {size_text(fixed)} px, but imgsz={size_text(imgsz)} "
+                        "was asked")
 
 
-def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: int | None = None, runs: int = 50,
+def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: Size | None = None, runs: int = 50,
                    warmup: int = 10, threads: int | None = None, progress: bool = True,
                    sessions: int = 5) -> tuple[BenchResult, BenchResult]:
     """Time ``model`` and ``baseline`` in the same run, alternating blocks of runs of each, so that the machine's
@@ -111,12 +111,11 @@ def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: int | None = 
     for path in paths:
         if not Path(path).is_file():
             raise UserError(f"ONNX model '{path}' not found")
-        fixed = _fixed_size(onnx_session(path, threads))
-        if fixed and imgsz and fixed != imgsz:
-            raise UserError(f"ONNX model '{path}' has a fixed input of {fixed} px, but imgsz={imgsz} was asked")
+        fixed = fixed_size(onnx_session(path, threads))
+        _check_fixed(path, fixed, imgsz)
         sizes.append(fixed or imgsz or 640)
     rng = np.random.default_rng(0)
-    inputs = [rng.random((1, 3, n, n), dtype=np.float32) for n in sizes]
+    inputs = [rng.random((1, 3, *hw(n)), dtype=np.float32) for n in sizes]
     # Blocks of runs, alternating: ONNX Runtime's idle threads spin for a moment after a run and slow the other
     # session down if the two alternate run by run (INT8 suffered most: 0.86x FP32 interleaved run by run, 0.78x
     # timed apart); the first runs of each block, where the other pool may still spin, are not counted.

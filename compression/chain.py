@@ -30,7 +30,8 @@ import torch
 
 from compression.benchmark import benchmark_pair, count_params_and_macs, ratio_interval
 from compression.config import TrialConfig
-from compression.data import check_labels, data_key, holdout_split, load_data_config, split_images, train_images
+from compression.data import (check_labels, data_key, holdout_split, load_data_config, split_images, train_images,
+                              train_shape)
 from compression.distill import DistillResult, distill
 from compression.evaluate import EvalResult, check_imgsz, evaluate, map_drop_sd
 from compression.export import export_onnx
@@ -41,7 +42,7 @@ from compression.prune import Structure, apply_structure, prune, reconstruct_
 from compression.qat import learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import file_output_errors, output_errors, ptq, ptq_graph
 from compression.relu import fit_relu, swap_relu_
-from compression.runtime import cache_dir, copy_atomic, file_key, temp_sibling, write_atomic
+from compression.runtime import Size, cache_dir, copy_atomic, file_key, hw, temp_sibling, write_atomic
 
 STUDENT_VERSION = 7  # bump when the ReLU fit, pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
@@ -192,12 +193,13 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").unlink(missing_ok=True)  # a report only ever describes a finished run
     trains = cfg.sparsity or cfg.relu_blocks or (cfg.quantize and cfg.qat_epochs)
-    data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize else ("val",))
+    data = load_data_config(data_path, ("train", "val") if trains or cfg.quantize or cfg.deploy_rect else ("val",))
     train, holdout = holdout_split(data, cfg.holdout_images, cfg.seed) if data.get("train") else (data, None)
     teacher = load_model(weights)
     stride = int(max(teacher.stride))
     base_imgsz = check_imgsz(imgsz, stride)
-    imgsz = check_imgsz(cfg.deploy_imgsz or base_imgsz, stride)  # the trial's size: trained, exported, timed at it
+    imgsz = check_imgsz(cfg.deploy_imgsz or base_imgsz, stride)  # the trial's size (square): trained at it
+    shape = train_shape(train, imgsz, stride) if cfg.deploy_rect else imgsz  # exported, evaluated, timed at it
     stage("baseline")
     base, base_onnx = baseline(teacher, weights, data, base_imgsz, progress=progress)
     evals: list[dict] = []
@@ -205,8 +207,8 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
     @functools.cache
     def unpruned_map() -> float:  # the unpruned FP32 model's held-out mAP50-95 at this size, once a training run asks
-        _, size_onnx = baseline(teacher, weights, data, imgsz, progress=False)
-        return baseline_map(size_onnx, holdout, imgsz, progress=False).mAP50_95
+        _, size_onnx = baseline(teacher, weights, data, shape, progress=False)
+        return baseline_map(size_onnx, holdout, shape, progress=False).mAP50_95
 
     def record_eval(name: str, record: dict) -> None:
         if holdout is not None and "mAP50_95" in record:
@@ -220,30 +222,31 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
 
     student, stages = fp32_student(teacher, weights, data, train, holdout, imgsz, cfg, record_eval, stage, progress)
     stage("export")
-    fp32_path, fp32_acc, stages["export"] = export_student(student, teacher, weights, data, imgsz, base_imgsz, base,
+    fp32_path, fp32_acc, stages["export"] = export_student(student, teacher, weights, data, shape, base_imgsz, base,
                                                            cfg, out, progress)
     model_path = out / "model.onnx"
     if cfg.quantize:
         stage("quantize")
-        stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, train, holdout, imgsz, cfg,
+        stages["quantize"] = quantize_stage(student, teacher, fp32_path, model_path, train, holdout, shape, cfg,
                                             record_eval, progress, held_out)
     else:
         copy_atomic(fp32_path, model_path)
     stage("measure")
     t0 = time.perf_counter()
     # the shipped model's one val evaluation (without INT8 it is the FP32 file, evaluated above)
-    acc = evaluate(model_path, data, imgsz, progress=progress) if cfg.quantize else fp32_acc
+    acc = evaluate(model_path, data, shape, progress=progress) if cfg.quantize else fp32_acc
     # 150 runs each (~6 s at 640): on 2 shared cores the INT8/FP32 ratio of 50-run medians still varied by +-0.03.
     # Each file at its own size: the baseline at the base size, so the speedup includes the resolution.
     speed, base_speed = benchmark_pair(model_path, base_onnx, runs=150, threads=cfg.bench_threads or None,
                                        progress=progress)
-    params, macs = count_params_and_macs(student, imgsz)
+    params, macs = count_params_and_macs(student, shape)
     result = Measurement(acc.mAP50, acc.mAP50_95, speed.latency_ms, speed.size_mb, params, macs)
-    selection = selection_figures(model_path, base_onnx, train, holdout, imgsz, base_imgsz, progress, held_out)
+    selection = selection_figures(model_path, base_onnx, train, holdout, shape, base_imgsz, progress, held_out)
     stages["measure"] = {"seconds": time.perf_counter() - t0}
     base = Measurement(**{**asdict(base), "latency_ms": base_speed.latency_ms})  # timed in this run, beside ours
     report = {"config": asdict(cfg), "weights": str(Path(weights).resolve() if Path(weights).is_file() else weights),
-              "data": data["yaml_file"], "imgsz": base_imgsz, "deploy_imgsz": imgsz, "bench_threads": speed.threads,
+              "data": data["yaml_file"], "imgsz": base_imgsz, "deploy_imgsz": imgsz,
+              "deploy_shape": list(hw(shape)), "bench_threads": speed.threads,
               **compare(result, base, ratio_interval(speed, base_speed)),
               "latency_state": {"sd": base_speed.state_sd, "runs": base_speed.state_runs,
                                 "dof": base_speed.state_dof}, "selection": selection,
@@ -255,7 +258,7 @@ def run_chain(weights: str, data_path: str, imgsz: int, cfg: TrialConfig, out: s
     return report
 
 
-def selection_figures(model_path: Path, base_onnx: Path, train: dict, holdout: dict | None, imgsz: int,
+def selection_figures(model_path: Path, base_onnx: Path, train: dict, holdout: dict | None, imgsz: Size,
                       base_imgsz: int, progress: bool, evaluated: dict[str, EvalResult] | None = None) -> dict:
     """What the tuner's score (and ``best``) may read: mAP50-95 of the shipped file and of the FP32 baseline (each at
     its own size) on the held-out train images, and ``drop_sd``, how much their difference moves with the images it
@@ -293,13 +296,13 @@ def fp32_student(teacher, weights: str, data: dict, train: dict, holdout: dict |
     return student, {**stages, "cache": {"student": "miss", "key": key}}
 
 
-def export_student(student, teacher, weights: str, data: dict, imgsz: int, base_imgsz: int, base, cfg: TrialConfig,
+def export_student(student, teacher, weights: str, data: dict, imgsz: Size, base_imgsz: int, base, cfg: TrialConfig,
                    out: Path, progress: bool):
     """Export the student to ``out/fp32.onnx`` and evaluate it on val. Returns ``(path, EvalResult, stage dict)``."""
     t0 = time.perf_counter()
     fp32_path = Path(export_onnx(student, imgsz, out / "fp32.onnx").onnx_path)
     if _is_teacher(cfg):  # neither pruned nor trained: the FP32 export is the baseline's at this size (cached)
-        fp32_base = base if imgsz == base_imgsz else baseline(teacher, weights, data, imgsz, progress=progress)[0]
+        fp32_base = base if hw(imgsz) == hw(base_imgsz) else baseline(teacher, weights, data, imgsz, progress=progress)[0]
         fp32_acc = EvalResult(fp32_base.mAP50, fp32_base.mAP50_95, 0)
     else:
         fp32_acc = evaluate(fp32_path, data, imgsz, progress=progress)
@@ -315,7 +318,7 @@ def compare(result, base, interval: tuple[float, float]) -> dict:
 
 
 def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: dict, holdout: dict | None,
-                   imgsz: int, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool,
+                   imgsz: Size, cfg: TrialConfig, on_eval: Callable[[str, dict], None], progress: bool,
                    evaluated: dict[str, EvalResult] | None = None) -> dict:
     """PTQ of ``fp32_path`` into ``model_path``; with ``qat_epochs``, then QAT of ``student`` from that PTQ file.
 
@@ -350,7 +353,8 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
         qmodel, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
         steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
         twin_error = output_error_of(teacher, split_images(choose_on, "val")[:QAT_ERROR_IMAGES], imgsz)
-        qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), imgsz,
+        # trained square at the long side, as the student was; exported, calibrated and compared at ``imgsz``
+        qmodel, trained = distill(qmodel, teacher, train, cfg.qat_distill_config(steps_per_epoch), max(hw(imgsz)),
                                   holdout=holdout, on_eval=lambda r: on_eval("qat", r), progress=progress,
                                   output_error=twin_error)
         qat = {"qat": asdict(trained), "matched": matched, "ptq_mAP50_95": ptq_map, "qat_mAP50_95": None,
@@ -374,7 +378,7 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
     return {**asdict(shipped), **qat, "method": method, "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}
 
 
-def output_error_of(reference: torch.nn.Module, files: list[Path], imgsz: int) -> Callable[[torch.nn.Module], float]:
+def output_error_of(reference: torch.nn.Module, files: list[Path], imgsz: Size) -> Callable[[torch.nn.Module], float]:
     """A function of a model: the :func:`compression.quantize.output_errors` of its decoded output against
     ``reference``'s on image ``files`` at ``imgsz``, both run on the model's device."""
     reference = copy.deepcopy(reference).eval()

@@ -26,7 +26,21 @@ def _export(args) -> dict:
 def _evaluate(args) -> dict:
     from compression.evaluate import evaluate
 
-    return asdict(evaluate(args.model, args.data, args.imgsz, batch=args.batch, device=args.device))
+    imgsz = args.imgsz or (_onnx_imgsz(args.model) if str(args.model).endswith(".onnx") and
+                           Path(args.model).is_file() else 640)
+    return asdict(evaluate(args.model, args.data, imgsz, batch=args.batch, device=args.device))
+
+
+def input_size(text: str):
+    """``--imgsz``: ``640`` (a square) or ``384,512`` / ``384x512`` (height, width)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a side (640) or height,width (384,512), got '{text}'")
+    return sides[0] if len(sides) == 1 or sides[0] == sides[1] else tuple(sides)
 
 
 # timings per session pair; the machine state (the report's latency_state)
@@ -57,11 +71,10 @@ def _benchmark(args) -> dict:
     return result
 
 
-def _onnx_imgsz(path) -> int:
-    from compression.runtime import onnx_session
+def _onnx_imgsz(path):
+    from compression.runtime import fixed_size, onnx_session
 
-    shape = onnx_session(path).get_inputs()[0].shape[2]
-    return shape if isinstance(shape, int) else 640
+    return fixed_size(onnx_session(path)) or 640
 
 
 def _trials(args):
@@ -139,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a model to ONNX and check it against torch")
     p.add_argument("--weights", required=True, help=".pt checkpoint (ultralytics or original yolov5) or model .yaml")
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=input_size, default=640, help="640, or height,width such as 384,512")
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--check-image", help="image for the torch/ONNX check (default: ultralytics' bus.jpg)")
     p.set_defaults(func=_export)
@@ -147,14 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="mAP50 and mAP50-95 on the dataset's val split")
     p.add_argument("--model", required=True, help=".pt, .yaml or .onnx")
     p.add_argument("--data", required=True, help="ultralytics-style dataset yaml")
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=input_size, default=None,
+                   help="640, or height,width such as 384,512 (default: the ONNX file's size, else 640)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (torch models)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("benchmark", help="ONNX Runtime CPU latency and file size")
     p.add_argument("--model", required=True, help=".onnx file")
-    p.add_argument("--imgsz", type=int, default=None, help="input side of files with a dynamic size")
+    p.add_argument("--imgsz", type=input_size, default=None, help="input size of files with a dynamic size")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads: the cores you deploy on (default: all cores)")
@@ -180,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=".pt, .yaml or .onnx")
     p.add_argument("--source", required=True, help="image file or folder")
     p.add_argument("--out", required=True, help="output folder (images with boxes, detections.json)")
-    p.add_argument("--imgsz", type=int, default=None, help="default: the ONNX file's size, else 640")
+    p.add_argument("--imgsz", type=input_size, default=None, help="default: the ONNX file's size, else 640")
     p.add_argument("--conf", type=float, default=0.25)
     p.add_argument("--iou", type=float, default=0.45)
     p.add_argument("--device", default="auto")

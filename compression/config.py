@@ -39,6 +39,8 @@ class _TrialKeys:
     """The keys that belong to the trial itself, not to one stage (TrialConfig adds the stage keys after them)."""
 
     deploy_imgsz: int = 0  # input side the shipped model runs at (px, a multiple of the stride), 0 = the base --imgsz
+    deploy_rect: bool = False  # shaped like the train images: deploy_imgsz along their longer side, the other by their
+    # median height/width (a 4:3 camera: 384x512 for 512); false = square. Training stays square at deploy_imgsz
     round_steps: int = 25  # distillation steps after each pruning round but the last (the main recovery follows it)
     recon_images: int = 32  # train images for the least-squares reconstruction after each round (channels and
     # blocks; not lowrank, which it lowers), 0 = none

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from compression.data import build_dataset, build_loader, load_data_config
 from compression.errors import UserError
-from compression.runtime import Predictor
+from compression.runtime import Predictor, Size, as_size, hw, size_text
 
 
 IMAGE_STATS = ("tp", "conf", "pred_cls", "target_cls")  # what the validator keeps of each image, mAP's inputs
@@ -29,27 +29,30 @@ class EvalResult:
     # each, one entry per image in the loader's order (map_drop_sd's input)
 
 
-def check_imgsz(imgsz: int, stride: int) -> int:
-    """Round ``imgsz`` up to a multiple of ``stride`` with a one-line warning, as ultralytics does."""
-    if not isinstance(imgsz, int) or imgsz <= 0:
-        raise UserError(f"imgsz must be a positive integer, got {imgsz!r}")
-    rounded = -(-imgsz // stride) * stride
-    if rounded != imgsz:
-        warnings.warn(f"imgsz={imgsz} is not a multiple of the model stride {stride}; using {rounded}", stacklevel=2)
-    return rounded
+def check_imgsz(imgsz: Size, stride: int) -> Size:
+    """Round ``imgsz`` (a square side, or ``(height, width)``) up to multiples of ``stride`` with a one-line warning,
+    as ultralytics does."""
+    sides = list(imgsz) if isinstance(imgsz, (tuple, list)) and len(imgsz) == 2 else [imgsz]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sides):
+        raise UserError(f"imgsz must be a positive integer or a (height, width) pair of them, got {imgsz!r}")
+    rounded = [-(-n // stride) * stride for n in sides]
+    if rounded != sides:
+        warnings.warn(f"imgsz={size_text(imgsz)} is not a multiple of the model stride {stride}; using "
+                      f"{size_text(as_size(*rounded) if len(rounded) == 2 else rounded[0])}", stacklevel=2)
+    return as_size(*rounded) if len(rounded) == 2 else rounded[0]
 
 
-def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict, imgsz: int = 640, batch: int = 16,
+def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict, imgsz: Size = 640, batch: int = 16,
              conf: float = 0.001, iou: float = 0.6, max_det: int = 300, device: str = "auto",
              progress: bool = True, keep_images: bool = False) -> EvalResult:
-    """Evaluate on the ``val`` split: square letterbox, NMS (conf, IoU, max_det) and mAP by ultralytics' validator.
+    """Evaluate on the ``val`` split: letterbox, NMS (conf, IoU, max_det) and mAP by ultralytics' validator.
 
     A torch model and its ONNX export go through exactly the same preprocessing, NMS and matching.
 
     Args:
         model: torch model, ``.pt``/``.yaml``/``.onnx`` path, or a :class:`Predictor`.
         data: dataset YAML path or a config from :func:`load_data_config`.
-        imgsz: square input size (rounded up to the model stride).
+        imgsz: input size, a square side or ``(height, width)`` (rounded up to the model stride).
         keep_images: also return each image's matches (``per_image``), for :func:`map_drop_sd`.
 
     Example:
@@ -62,8 +65,9 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
     if predictor.nc != data["nc"]:
         raise UserError(f"model has {predictor.nc} classes but dataset '{data['yaml_file']}' has {data['nc']} names")
     imgsz = check_imgsz(imgsz, predictor.stride)
-    if predictor.imgsz is not None and predictor.imgsz != imgsz:
-        raise UserError(f"ONNX model has a fixed input of {predictor.imgsz} px, but imgsz={imgsz} was asked")
+    if predictor.imgsz is not None and hw(predictor.imgsz) != hw(imgsz):
+        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but imgsz={size_text(imgsz)} "
+                        "was asked")
 
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
     loader = build_loader(dataset, batch)

@@ -13,7 +13,7 @@ from torch import nn
 
 from compression.data import letterbox, read_image
 from compression.errors import UserError
-from compression.runtime import onnx_session, temp_sibling
+from compression.runtime import Size, hw, onnx_session, temp_sibling
 
 
 EXPORT_VERSION = 3  # bump when the exported graph changes (cached baselines are keyed by it); 2: channel-first
@@ -34,16 +34,16 @@ def default_check_image() -> Path:
     return ASSETS / "bus.jpg"
 
 
-def _add_metadata(path: Path, model: nn.Module, imgsz: int) -> None:
+def _add_metadata(path: Path, model: nn.Module, imgsz: Size) -> None:
     proto = onnx.load(str(path))
-    meta = {"names": str(dict(model.names)), "stride": str(int(max(model.stride))), "imgsz": str(imgsz),
+    meta = {"names": str(dict(model.names)), "stride": str(int(max(model.stride))), "imgsz": str(imgsz if isinstance(imgsz, int) else list(hw(imgsz))),
             "family": getattr(model, "family", "ultralytics")}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     onnx.save(proto, str(path))
 
 
-def export_onnx(model: nn.Module, imgsz: int, path: str | Path, opset: int = 17, check_image: str | Path | None = None,
+def export_onnx(model: nn.Module, imgsz: Size, path: str | Path, opset: int = 17, check_image: str | Path | None = None,
                 rtol: float = 1e-3, atol: float = 1e-3) -> ExportResult:
     """Export ``model`` (eval mode, CPU) to ONNX with a dynamic batch axis and check it against torch.
 
@@ -53,7 +53,7 @@ def export_onnx(model: nn.Module, imgsz: int, path: str | Path, opset: int = 17,
 
     Args:
         model: a detector from :func:`compression.models.load_model` (or a pruned copy).
-        imgsz: square input size.
+        imgsz: input size: a square side, or ``(height, width)``.
         path: output ``.onnx`` path.
         check_image: image for the check (default: ultralytics' bundled ``bus.jpg``).
 
@@ -69,7 +69,7 @@ def export_onnx(model: nn.Module, imgsz: int, path: str | Path, opset: int = 17,
         with warnings.catch_warnings():  # the file is for this one input size: sizes read as constants are meant so
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                model, (torch.zeros(1, 3, imgsz, imgsz),), str(tmp), opset_version=opset, dynamo=False,
+                model, (torch.zeros(1, 3, *hw(imgsz)),), str(tmp), opset_version=opset, dynamo=False,
                 input_names=["images"], output_names=["output0"],
                 dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}}, do_constant_folding=True,
             )

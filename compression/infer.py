@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from compression.data import IMG_SUFFIXES, letterbox, read_image
 from compression.errors import UserError
-from compression.runtime import Predictor, write_atomic
+from compression.runtime import Predictor, Size, hw, size_text, write_atomic
 
 
 @dataclass
@@ -59,7 +59,7 @@ def draw(img: np.ndarray, dets: list[Detection]) -> np.ndarray:
     return out
 
 
-def detect(predictor: Predictor, img: np.ndarray, imgsz: int, conf: float = 0.25, iou: float = 0.45,
+def detect(predictor: Predictor, img: np.ndarray, imgsz: Size, conf: float = 0.25, iou: float = 0.45,
            max_det: int = 300) -> list[Detection]:
     """One BGR image -> its detections in original-image pixels."""
     from ultralytics.utils.nms import non_max_suppression
@@ -75,7 +75,7 @@ def detect(predictor: Predictor, img: np.ndarray, imgsz: int, conf: float = 0.25
             for *b, s, c in pred.tolist()]
 
 
-def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: int | None = None, conf: float = 0.25,
+def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: Size | None = None, conf: float = 0.25,
           iou: float = 0.45, device: str = "auto", progress: bool = True) -> dict:
     """Run ``model`` on an image or a folder; write ``out/<image>`` with boxes and ``out/detections.json``.
 
@@ -89,8 +89,9 @@ def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: int | N
     files = _images(source)
     predictor = Predictor(model, device=device)
     imgsz = imgsz or predictor.imgsz or 640
-    if predictor.imgsz and predictor.imgsz != imgsz:
-        raise UserError(f"ONNX model has a fixed input of {predictor.imgsz} px, but imgsz={imgsz} was asked")
+    if predictor.imgsz and hw(predictor.imgsz) != hw(imgsz):
+        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but imgsz={size_text(imgsz)} "
+                        "was asked")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     import cv2

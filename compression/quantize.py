@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, finish_int8_, prepare_for_int8_
-from compression.runtime import temp_sibling
+from compression.runtime import Size, as_size, hw, temp_sibling
 
 GRANULARITY = ("per_tensor", "per_channel")
 CALIB_METHODS = ("minmax", "percentile", "entropy")
@@ -350,26 +350,27 @@ def _outputs(path: Path | str, images: np.ndarray) -> np.ndarray:
                            for i in range(0, len(images), 4)])
 
 
-def _box_scale(ref: np.ndarray, imgsz: int) -> np.ndarray:
-    """Per-channel weights of a decoded output: pixel boxes by 1 / imgsz (to the [0, 1] of the scores)."""
+def _box_scale(ref: np.ndarray, imgsz: Size) -> np.ndarray:
+    """Per-channel weights of a decoded output: pixel boxes by 1 / the input's long side (to the [0, 1] of the
+    scores)."""
     scale = np.ones((1, ref.shape[1], 1), np.float32)
-    scale[:, :4] = 1 / imgsz
+    scale[:, :4] = 1 / max(hw(imgsz))
     return scale
 
 
-def _relative_error(ref: np.ndarray, cand: np.ndarray, imgsz: int) -> float:
+def _relative_error(ref: np.ndarray, cand: np.ndarray, imgsz: Size) -> float:
     scale = _box_scale(ref, imgsz)
     return float((((ref - cand) * scale) ** 2).mean() / ((ref * scale) ** 2).mean())
 
 
-def output_error(reference: Path | str | np.ndarray, candidate: Path | str, images: np.ndarray, imgsz: int) -> float:
+def output_error(reference: Path | str | np.ndarray, candidate: Path | str, images: np.ndarray, imgsz: Size) -> float:
     """Relative squared error of ``candidate``'s decoded output against ``reference``'s (boxes scaled by 1/imgsz);
     ``reference`` may be its outputs on ``images`` already."""
     ref = reference if isinstance(reference, np.ndarray) else _outputs(reference, images)
     return _relative_error(ref, _outputs(candidate, images), imgsz)
 
 
-def file_output_errors(reference: Path | str, candidates: list[Path | str], files: list[Path], imgsz: int,
+def file_output_errors(reference: Path | str, candidates: list[Path | str], files: list[Path], imgsz: Size,
                        batch: int = 8) -> list[float]:
     """:func:`output_error` of each candidate file against ``reference`` on image ``files`` (see :func:`output_errors`).
 
@@ -383,7 +384,7 @@ def file_output_errors(reference: Path | str, candidates: list[Path | str], file
                          batch)
 
 
-def output_errors(models: list[Callable[[np.ndarray], np.ndarray]], files: list[Path], imgsz: int,
+def output_errors(models: list[Callable[[np.ndarray], np.ndarray]], files: list[Path], imgsz: Size,
                   batch: int = 8) -> list[float]:
     """:func:`output_error` of ``models[1:]`` against ``models[0]`` on image ``files`` letterboxed at ``imgsz``;
     each model maps a batch of images to its decoded output. Images are read a batch at a time: a few hundred
@@ -423,7 +424,7 @@ def _greedy_fallback(src: Path, start: Path, cache: Path, cfg: QuantConfig, excl
     """
     from tqdm import tqdm
 
-    probe, imgsz = images[:16], int(images.shape[-1])
+    probe, imgsz = images[:16], as_size(*images.shape[-2:])
     ref = _outputs(src, probe)  # FP32 outputs: the first 8 for the sensitivity, all 16 for the rounds
     sensitivity = {}
     for name in tqdm(convs, desc="sensitivity", disable=not progress, leave=False):

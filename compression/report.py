@@ -14,7 +14,7 @@ from pathlib import Path
 
 from compression.errors import UserError
 from compression.experiment import Trial, missing_artifacts_hint
-from compression.runtime import temp_sibling, write_atomic
+from compression.runtime import size_text, temp_sibling, write_atomic
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -49,7 +49,8 @@ def _rows(trials: list[Trial]) -> list[dict]:
     rows = []
     for t, rep in zip([t for t in trials if t.complete], complete_reports(trials)):
         rows.append({"trial": t.id, "params": t.parameters or {}, "mAP50_95": rep["result"]["mAP50_95"],
-                     "imgsz": rep.get("deploy_imgsz", rep["imgsz"]), "interval": rep.get("latency_ratio_interval"),
+                     "imgsz": size_text(rep.get("deploy_shape") or rep.get("deploy_imgsz", rep["imgsz"])),
+                     "interval": rep.get("latency_ratio_interval"),
                      "latency_ms": rep["result"]["latency_ms"], "size_mb": rep["result"]["size_mb"],
                      "score": t.metrics.get("default"), "baseline": rep["baseline"],
                      "speedup": rep["baseline"]["latency_ms"] / rep["result"]["latency_ms"],

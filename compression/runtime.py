@@ -102,6 +102,33 @@ def select_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+Size = int | tuple[int, int]  # an input size: the side of a square, or (height, width)
+
+
+def hw(size: Size) -> tuple[int, int]:
+    """``(height, width)`` of an input size: a square's side, or a ``(height, width)`` pair."""
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def as_size(height: int, width: int) -> Size:
+    """The input size of ``height`` x ``width``: an int when square (every size stays as it always was written)."""
+    return height if height == width else (height, width)
+
+
+def size_text(size: Size) -> str:
+    """``448`` or ``384x512`` (height x width)."""
+    h, w = hw(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def fixed_size(session) -> Size | None:
+    """The fixed input size of an ONNX Runtime session's first input, or None when its height or width is dynamic."""
+    h, w = session.get_inputs()[0].shape[2:4]
+    return as_size(h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+
 def onnx_session(path: str | Path, threads: int | None = None):
     """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
     import onnxruntime as ort
@@ -131,7 +158,7 @@ class Predictor:
 
     def __init__(self, model: nn.Module | str | Path, device: str = "auto", threads: int | None = None):
         self.session = None
-        self.imgsz = None  # fixed input size of an ONNX file, None for torch models
+        self.imgsz = None  # fixed input size of an ONNX file (an int, or (height, width)), None for torch models
         if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
             if not Path(model).is_file():
                 raise UserError(f"ONNX model '{model}' not found")
@@ -139,8 +166,7 @@ class Predictor:
             meta = self.session.get_modelmeta().custom_metadata_map
             self.names = ast.literal_eval(meta["names"]) if "names" in meta else None
             self.stride = int(meta.get("stride", 32))
-            shape = self.session.get_inputs()[0].shape
-            self.imgsz = shape[2] if isinstance(shape[2], int) else None
+            self.imgsz = fixed_size(self.session)
             self.device = torch.device("cpu")
             self.input_name = self.session.get_inputs()[0].name
         else:

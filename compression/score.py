@@ -82,6 +82,8 @@ def _deployment(report: dict) -> dict:
     out = {}
     if "deploy_imgsz" in report:
         out["imgsz"] = report["deploy_imgsz"]
+    if "deploy_shape" in report:  # (height, width): the long side is imgsz
+        out["imgsz_h"], out["imgsz_w"] = report["deploy_shape"]
     if "latency_ratio_interval" in report:
         lo, hi = report["latency_ratio_interval"]
         out.update(speedup_low=1 / hi, speedup_high=1 / lo)
