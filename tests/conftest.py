@@ -69,30 +69,42 @@ def write_yolov5_checkpoint(model, path: Path, extra: dict | None = None) -> Pat
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A 2-class dataset of 8 train and 4 val 96x96 images: bright squares (class 0) and dark discs (class 1)."""
-    root = tmp_path_factory.mktemp("tiny")
+def write_shapes_dataset(root: Path, width: int = 96, height: int = 96) -> Path:
+    """A 2-class dataset of 8 train and 4 val ``width`` x ``height`` images: bright squares (class 0) and dark discs
+    (class 1); returns its data.yaml."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 8), ("val", 4)):
         (root / "images" / split).mkdir(parents=True)
         (root / "labels" / split).mkdir(parents=True)
         for i in range(n):
-            img = np.full((96, 96, 3), 90, np.uint8) + rng.integers(0, 20, (96, 96, 3), dtype=np.uint8)
+            img = np.full((height, width, 3), 90, np.uint8) + rng.integers(0, 20, (height, width, 3), dtype=np.uint8)
             lines = []
             for cls in (0, 1):
                 s = int(rng.integers(16, 32))
-                x, y = (int(v) for v in rng.integers(4, 96 - s - 4, 2))
+                x, y = (int(v) for v in rng.integers(4, min(width, height) - s - 4, 2))
                 if cls == 0:
                     cv2.rectangle(img, (x, y), (x + s, y + s), (240, 240, 240), -1)
                 else:
                     cv2.circle(img, (x + s // 2, y + s // 2), s // 2, (20, 20, 20), -1)
-                lines.append(f"{cls} {(x + s / 2) / 96:.4f} {(y + s / 2) / 96:.4f} {s / 96:.4f} {s / 96:.4f}")
+                lines.append(f"{cls} {(x + s / 2) / width:.4f} {(y + s / 2) / height:.4f} {s / width:.4f} "
+                             f"{s / height:.4f}")
             cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), img)
             (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines) + "\n")
     cfg = {"train": "images/train", "val": "images/val", "names": {0: "square", 1: "disc"}}
     (root / "data.yaml").write_text(yaml.safe_dump(cfg))
     return root / "data.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 2-class dataset of 8 train and 4 val 96x96 images: bright squares (class 0) and dark discs (class 1)."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def wide_data(tmp_path_factory) -> Path:
+    """The same kind of dataset with 128 x 96 (4:3 landscape) images."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("wide"), width=128, height=96)
 
 
 @pytest.fixture(scope="session")

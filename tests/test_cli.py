@@ -61,3 +61,24 @@ def test_imgsz_off_stride_warns_and_rounds(tiny_pt, tmp_path):
     r = run_cli("export", "--weights", tiny_pt, "--imgsz", 70, "--out", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
     assert "warning: imgsz=70 is not a multiple of the model stride 32; using 96" in r.stderr
+
+
+def test_a_height_and_width_go_from_export_to_evaluate_and_benchmark(tiny_pt, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "wide.onnx"
+    r = run_cli("export", "--weights", tiny_pt, "--imgsz", "64,96", "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("evaluate", "--model", out, "--data", tiny_data)  # at the file's own size
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["images"] == 4
+    r = run_cli("benchmark", "--model", out, "--runs", 30)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["imgsz"] == [64, 96]
+    r = run_cli("evaluate", "--model", out, "--data", tiny_data, "--imgsz", 64)
+    assert r.returncode == 2 and "fixed input of 64x96 px, but imgsz=64 was asked" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["64x", "0,64", "a,b", "64,96,128"])
+def test_a_bad_input_size_is_refused_before_anything_runs(bad, tmp_path):
+    r = run_cli("export", "--weights", "missing.pt", "--imgsz", bad, "--out", tmp_path / "m.onnx")
+    assert r.returncode == 2 and "height,width" in r.stderr and "Traceback" not in r.stderr

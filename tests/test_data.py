@@ -1,10 +1,12 @@
 import os
 import shutil
 
+import cv2
+import numpy as np
 import pytest
 import yaml
 
-from compression.data import build_dataset, data_key, label_file, load_data_config, split_images
+from compression.data import build_dataset, data_key, label_file, letterbox, load_data_config, split_images, train_shape
 from compression.errors import UserError
 from conftest import COCO128, needs_shared
 
@@ -53,6 +55,28 @@ def test_dataset_letterboxes_to_square_and_keeps_labels(tiny_data):
     item = ds[0]
     assert tuple(item["img"].shape) == (3, 64, 64)
     assert item["cls"].flatten().tolist() == [0.0, 1.0]
+
+
+def test_dataset_and_letterbox_take_a_height_and_width(tiny_data, wide_data):
+    item = build_dataset(load_data_config(tiny_data), "val", imgsz=(64, 96))[0]
+    assert tuple(item["img"].shape) == (3, 64, 96)  # 96x96 photos: 64x64, padded left and right
+    assert item["cls"].flatten().tolist() == [0.0, 1.0]
+    assert tuple(build_dataset(load_data_config(wide_data), "val", imgsz=(48, 64))[0]["img"].shape) == (3, 48, 64)
+    assert tuple(letterbox(cv2.imread(str(split_images(load_data_config(wide_data), "val")[0])), (48, 64)).shape) == \
+        (1, 3, 48, 64)
+
+
+def test_the_train_shape_follows_the_train_images(tiny_data, wide_data, tmp_path):
+    assert train_shape(load_data_config(tiny_data), 128, 32) == 128  # square photos: square input
+    assert train_shape(load_data_config(wide_data), 128, 32) == (96, 128)  # 4:3 landscape
+    assert train_shape(load_data_config(wide_data), 96, 32) == 96  # 72 rounds up to the stride: square
+    tall = tmp_path / "tall"
+    for split in ("images/train", "images/val"):
+        (tall / split).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(tall / split / f"{i}.jpg"), np.zeros((120 if i else 40, 90, 3), np.uint8))
+    (tall / "data.yaml").write_text(yaml.safe_dump({"train": "images/train", "val": "images/val", "names": ["x"]}))
+    assert train_shape(load_data_config(tall / "data.yaml"), 160, 32) == (160, 128)  # median 120x90: portrait
 
 
 @pytest.mark.slow

@@ -17,10 +17,11 @@ class _OraclePredictor(Predictor):
     """Predicts each val image's ground-truth boxes (optionally shifted: by one amount, or one per image), in loader
     order."""
 
-    def __init__(self, data, imgsz, shift=0.0):
+    def __init__(self, data, imgsz, shift=0.0, pad_x=0):
         self.names, self.stride, self.imgsz, self.device = data["names"], 32, None, torch.device("cpu")
         self.labels = build_dataset(data, "val", imgsz).labels
-        self.seen, self.shift, self.size = 0, shift, imgsz
+        self.seen, self.shift, self.pad_x = 0, shift, pad_x
+        self.size = min(imgsz) if isinstance(imgsz, tuple) else imgsz  # 96 px squares: scaled to the short side
 
     def __call__(self, img):
         out = torch.zeros(img.shape[0], 4 + len(self.names), 10)
@@ -29,8 +30,8 @@ class _OraclePredictor(Predictor):
             shift = self.shift[self.seen] if isinstance(self.shift, list) else self.shift
             self.seen += 1
             for j, (cls, box) in enumerate(zip(lab["cls"].flatten(), lab["bboxes"])):
-                xywh = torch.tensor(box) * self.size  # 96 px squares letterboxed to imgsz: scale only
-                xywh[0] += shift * xywh[2]
+                xywh = torch.tensor(box) * self.size  # 96 px squares letterboxed to imgsz: scale (and pad_x) only
+                xywh[0] += shift * xywh[2] + self.pad_x
                 out[b, :4, j] = xywh
                 out[b, 4 + int(cls), j] = 0.9
         return out
@@ -42,6 +43,14 @@ def test_perfect_predictions_score_one_and_shifted_ones_less(tiny_data):
     assert perfect.mAP50 > 0.99 and perfect.mAP50_95 > 0.95
     shifted = evaluate(_OraclePredictor(data, 64, shift=0.2), data, 64, progress=False)
     assert shifted.mAP50 > 0.99 and shifted.mAP50_95 < 0.7  # IoU ~0.67: counts at 0.5, not at 0.7+
+
+
+def test_a_rectangular_input_maps_boxes_back_through_its_padding(tiny_data):
+    data = load_data_config(tiny_data)  # 96x96 photos into 64 high x 96 wide: 64x64, 16 px of padding each side
+    perfect = evaluate(_OraclePredictor(data, (64, 96), pad_x=16), data, (64, 96), progress=False)
+    assert perfect.mAP50 > 0.99 and perfect.mAP50_95 > 0.95
+    unpadded = evaluate(_OraclePredictor(data, (64, 96)), data, (64, 96), progress=False)
+    assert unpadded.mAP50_95 < 0.7  # boxes read without the padding are 16 px off
 
 
 def test_a_slow_nms_loses_no_image_of_a_batch(tiny_data, monkeypatch):
@@ -89,11 +98,19 @@ def test_onnx_fixed_size_must_match(tiny_yolov5, tiny_data, tmp_path):
     onnx_path = export_onnx(tiny_yolov5, 64, tmp_path / "m.onnx").onnx_path
     with pytest.raises(UserError, match="fixed input of 64"):
         evaluate(onnx_path, tiny_data, 96, progress=False)
+    wide = export_onnx(tiny_yolov5, (64, 96), tmp_path / "wide.onnx").onnx_path
+    assert Predictor(wide).imgsz == (64, 96)
+    with pytest.raises(UserError, match="fixed input of 64x96 px, but imgsz=96x64"):
+        evaluate(wide, tiny_data, (96, 64), progress=False)
+    assert evaluate(wide, tiny_data, (64, 96), progress=False).images == 4
 
 
 def test_imgsz_rounds_up_to_stride_with_warning():
     with pytest.warns(UserWarning, match="using 128"):
         assert check_imgsz(100, 32) == 128
+    with pytest.warns(UserWarning, match="using 96x128"):
+        assert check_imgsz((72, 128), 32) == (96, 128)
+    assert check_imgsz((64, 64), 32) == 64
     with pytest.raises(UserError):
         check_imgsz(0, 32)
 

@@ -303,3 +303,16 @@ def test_every_value_of_the_search_space_is_a_valid_trial_setting():
         for value in values:
             build_config({key: value})  # a one-line UserError for an unknown key or an out-of-range value
     assert "deploy_imgsz" in space and "sparsity" in space
+
+
+def test_a_trial_shaped_like_its_train_images_runs_at_their_aspect(tiny_pt, wide_data, tmp_path, env):
+    r = run_trial(tiny_pt, wide_data, tmp_path, "deploy_rect=true", "calib_images=8", "bench_threads=1", env=env,
+                  imgsz=128)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["imgsz"], report["deploy_imgsz"], report["deploy_shape"]) == (128, 128, [96, 128])
+    assert report["macs_ratio"] == pytest.approx(96 / 128, rel=0.01)  # the baseline stays square at --imgsz
+    from compression.runtime import onnx_session
+
+    assert onnx_session(tmp_path / "model.onnx").get_inputs()[0].shape[2:] == [96, 128]
+    assert (report["final"]["imgsz"], report["final"]["imgsz_h"], report["final"]["imgsz_w"]) == (128, 96, 128)
