@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from compression.data import letterbox, read_image, split_images
 from compression.errors import UserError
-from compression.runtime import select_device
+from compression.runtime import Size, select_device
 
 
 @dataclass
@@ -156,7 +156,7 @@ def backbone_blocks(model: nn.Module) -> int:
     return len(yaml.get("backbone", [])) or len(model.model) - 1
 
 
-def _load_images(data: dict, imgsz: int, seed: int) -> torch.Tensor:
+def _load_images(data: dict, imgsz: Size, seed: int) -> torch.Tensor:
     """Every train image, letterboxed to ``imgsz``, as uint8 (a quarter of float32's memory)."""
     files = split_images(data, "train")
     if not files:
@@ -236,7 +236,7 @@ def _fit(student, teacher, images, count: int, targets: list[int], cfg: ReluConf
             "loss_last_epoch": losses[-1]}
 
 
-def fit_relu(model: nn.Module, teacher: nn.Module, data: dict, cfg: ReluConfig, imgsz: int,
+def fit_relu(model: nn.Module, teacher: nn.Module, data: dict, cfg: ReluConfig, imgsz: Size,
              progress: bool = True) -> tuple[nn.Module, ReluResult]:
     """A copy of ``model`` with ReLU in its first ``cfg.blocks`` blocks, fitted to ``teacher``'s feature maps.
 
