@@ -112,7 +112,7 @@ def make_student(teacher, train: dict, holdout: dict | None, imgsz: int, cfg: Tr
         # at the deployment's shape: YOLOv5n, ReLU in model.0-2 fitted on 512x512 letterboxed images and run at 384x512,
         # val FP32 0.2426 against the unswapped model's 0.2511 there
         base, fitted = fit_relu(teacher, teacher, train, cfg.relu_config(), shape or imgsz, progress=progress)
-        relu_stage = {"blocks": cfg.relu_blocks, **asdict(fitted)}
+        relu_stage = {"blocks": cfg.relu_blocks, "imgsz": list(hw(shape or imgsz)), **asdict(fitted)}
         if holdout is not None:  # a figure, not a choice
             relu_stage["mAP50_95"] = evaluate(copy.deepcopy(base), holdout, shape or imgsz, device=cfg.device,
                                               progress=False).mAP50_95

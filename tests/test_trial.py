@@ -306,8 +306,8 @@ def test_every_value_of_the_search_space_is_a_valid_trial_setting():
 
 
 def test_a_trial_shaped_like_its_train_images_runs_at_their_aspect(tiny_pt, wide_data, tmp_path, env):
-    r = run_trial(tiny_pt, wide_data, tmp_path, "deploy_rect=true", "calib_images=8", "bench_threads=1", env=env,
-                  imgsz=128)
+    r = run_trial(tiny_pt, wide_data, tmp_path, "deploy_rect=true", "sparsity=0", "relu_blocks=3", "relu_epochs=1",
+                  "calib_images=8", "bench_threads=1", env=env, imgsz=128)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert (report["imgsz"], report["deploy_imgsz"], report["deploy_shape"]) == (128, 128, [96, 128])
@@ -316,3 +316,4 @@ def test_a_trial_shaped_like_its_train_images_runs_at_their_aspect(tiny_pt, wide
 
     assert onnx_session(tmp_path / "model.onnx").get_inputs()[0].shape[2:] == [96, 128]
     assert (report["final"]["imgsz"], report["final"]["imgsz_h"], report["final"]["imgsz_w"]) == (128, 96, 128)
+    assert report["stages"]["relu"]["imgsz"] == [96, 128]  # fitted on the images as they will be deployed
