@@ -117,7 +117,9 @@ def _report(args) -> dict:
     trials = _trials(args)
     reference = None
     if not args.no_reference and complete_reports(trials):
-        reference = reference_for_report(complete_reports(trials)[0], progress=sys.stderr.isatty())
+        reports = complete_reports(trials)
+        rect = any(r.get("config", {}).get("deploy_rect") for r in reports)  # trials shaped like the train images
+        reference = reference_for_report(reports[0], progress=sys.stderr.isatty(), rect=rect)
     return write_report(trials, args.out, f"yolo-compress experiment {args.experiment}", reference)
 
 

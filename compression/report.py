@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 from pathlib import Path
 
 from compression.errors import UserError
 from compression.experiment import Trial, missing_artifacts_hint
-from compression.runtime import size_text, temp_sibling, write_atomic
+from compression.runtime import hw, size_text, temp_sibling, write_atomic
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -58,6 +59,11 @@ def _rows(trials: list[Trial]) -> list[dict]:
     return rows
 
 
+def _pixels(size) -> int:
+    h, w = hw(size)
+    return h * w
+
+
 def plot(rows: list[dict], front: list[int], path: Path, reference: list | None = None) -> None:
     import matplotlib
 
@@ -72,13 +78,15 @@ def plot(rows: list[dict], front: list[int], path: Path, reference: list | None 
     for r in rows:
         if r["interval"]:  # where a re-run's latency ratio should land
             ax.plot(r["interval"], [r["mAP50_95"]] * 2, color="tab:gray", lw=0.8, alpha=0.6)
-    for precision, style in (("fp32", "-"), ("int8", "--")):
-        curve = sorted((p for p in reference or [] if p.precision == precision), key=lambda p: p.imgsz)
+    for (precision, style), (rect, color, shaped) in itertools.product(
+            (("fp32", "-"), ("int8", "--")), ((False, "tab:green", ""), (True, "tab:purple", ", train images' shape"))):
+        curve = sorted((p for p in reference or [] if p.precision == precision and p.rect == rect),
+                       key=lambda p: _pixels(p.imgsz))
         if curve:
-            ax.plot([p.latency_ratio for p in curve], [p.mAP50_95 for p in curve], style, marker=".",
-                    color="tab:green", alpha=0.8, label=f"unpruned {precision.upper()} at smaller inputs (no training)")
+            ax.plot([p.latency_ratio for p in curve], [p.mAP50_95 for p in curve], style, marker=".", color=color,
+                    alpha=0.8, label=f"unpruned {precision.upper()} at smaller inputs{shaped} (no training)")
             for p in curve:
-                ax.annotate(str(p.imgsz), (p.latency_ratio, p.mAP50_95), fontsize=6, color="tab:green",
+                ax.annotate(size_text(p.imgsz), (p.latency_ratio, p.mAP50_95), fontsize=6, color=color,
                             xytext=(-4, -9), textcoords="offset points")
     fx = [rows[i]["rel_latency"] for i in front]
     fy = [rows[i]["mAP50_95"] for i in front]
@@ -148,9 +156,9 @@ Pareto-optimal trials (no other trial is both faster and more accurate) are high
 def _reference_table(reference: list | None) -> str:
     if not reference:
         return "<p>No reference curves (the unpruned model at smaller inputs) in this report.</p>"
-    rows = "".join(f"<tr><td>{p.imgsz}</td><td>{p.precision.upper()}</td><td>{p.mAP50_95:.4f}</td>"
+    rows = "".join(f"<tr><td>{size_text(p.imgsz)}</td><td>{p.precision.upper()}</td><td>{p.mAP50_95:.4f}</td>"
                    f"<td>{1 / p.latency_ratio:.2f}x</td><td>{p.size_mb:.2f}</td></tr>"
-                   for p in sorted(reference, key=lambda p: (p.precision, -p.imgsz)))
+                   for p in sorted(reference, key=lambda p: (p.rect, p.precision, -_pixels(p.imgsz))))
     return ("<h2>The line to beat: the unpruned model at smaller inputs</h2><p>No training; speedup against the FP32 "
             "model at the base size, timed in the same run. A trial is worth shipping when it lies above these "
             "curves.</p><table><tr><th>imgsz</th><th>precision</th><th>mAP50-95</th><th>speedup</th><th>size MB</th>"

@@ -39,3 +39,17 @@ def test_reference_for_a_report_whose_weights_are_elsewhere_is_one_line(tmp_path
 
     with pytest.raises(UserError, match="weights '.*missing.pt', not found here"):
         reference_for_report({"weights": str(tmp_path / "missing.pt"), "data": "d.yaml", "imgsz": 640})
+
+
+@pytest.mark.slow
+def test_reference_curves_shaped_like_the_train_images(tiny_yolov5, wide_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("YOLO_COMPRESS_CACHE", str(tmp_path / "cache"))
+    weights = write_yolov5_checkpoint(tiny_yolov5, tmp_path / "tiny.pt")
+    fed = record_feeds(monkeypatch)
+    points = reference_curves(weights, wide_data, 128, progress=False, rect=True)
+    # 128 x 96 photos: 64 -> 48 rounds up to a 64 square; 128 -> 96 x 128
+    assert [(p.imgsz, p.precision, p.rect) for p in points] == [
+        (64, "fp32", True), (64, "int8", True), ([96, 128], "fp32", True), ([96, 128], "int8", True)]
+    assert {next(iter(shapes))[2:] for shapes in fed.values()} >= {(96, 128), (128, 128)}  # timed at their shapes
+    square = reference_curves(weights, wide_data, 128, progress=False)
+    assert [(p.imgsz, p.rect) for p in square] == [(64, False)] * 2 + [(128, False)] * 2  # cached apart
