@@ -200,8 +200,9 @@ def build_dataset(data: dict, split: str, imgsz: Size, augment: bool = False, ba
     (cache_dir() / "labels").mkdir(exist_ok=True)
     h, w = hw(imgsz)
     return _Dataset(
-        img_path=data[split], imgsz=max(h, w), shape=(h, w) if h != w else None, augment=augment, hyp=hyp or get_cfg(DEFAULT_CFG), rect=False,
-        batch_size=batch, stride=stride, pad=0.0, data=data, task="detect", prefix=f"{split}: ", unlabeled=unlabeled,
+        img_path=data[split], imgsz=max(h, w), shape=(h, w) if h != w else None, augment=augment,
+        hyp=hyp or get_cfg(DEFAULT_CFG), rect=False, batch_size=batch, stride=stride, pad=0.0, data=data,
+        task="detect", prefix=f"{split}: ", unlabeled=unlabeled,
     )
 
 
@@ -284,7 +285,8 @@ def train_shape(data: dict, side: int, stride: int) -> Size:
 
     files = split_images(data, "train")
     if not files:
-        raise UserError(f"the train split of '{data.get('yaml_file', 'the dataset')}' has no images to take a shape from")
+        raise UserError(f"the train split of '{data.get('yaml_file', 'the dataset')}' has no images to take a shape "
+                        "from")
     ratios = []
     for f in files:
         with Image.open(f) as im:  # reads the header only

@@ -66,8 +66,8 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
         raise UserError(f"model has {predictor.nc} classes but dataset '{data['yaml_file']}' has {data['nc']} names")
     imgsz = check_imgsz(imgsz, predictor.stride)
     if predictor.imgsz is not None and hw(predictor.imgsz) != hw(imgsz):
-        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but imgsz={size_text(imgsz)} "
-                        "was asked")
+        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but "
+                        f"imgsz={size_text(imgsz)} was asked")
 
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
     loader = build_loader(dataset, batch)

@@ -36,7 +36,8 @@ def default_check_image() -> Path:
 
 def _add_metadata(path: Path, model: nn.Module, imgsz: Size) -> None:
     proto = onnx.load(str(path))
-    meta = {"names": str(dict(model.names)), "stride": str(int(max(model.stride))), "imgsz": str(imgsz if isinstance(imgsz, int) else list(hw(imgsz))),
+    meta = {"names": str(dict(model.names)), "stride": str(int(max(model.stride))),
+            "imgsz": str(imgsz if isinstance(imgsz, int) else list(hw(imgsz))),  # [height, width], as ultralytics
             "family": getattr(model, "family", "ultralytics")}
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)

@@ -90,8 +90,8 @@ def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: Size | 
     predictor = Predictor(model, device=device)
     imgsz = imgsz or predictor.imgsz or 640
     if predictor.imgsz and hw(predictor.imgsz) != hw(imgsz):
-        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but imgsz={size_text(imgsz)} "
-                        "was asked")
+        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but "
+                        f"imgsz={size_text(imgsz)} was asked")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     import cv2
