@@ -15,7 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from compression.errors import UserError
-from compression.runtime import Size, cache_dir, file_key, fixed_size, hw, onnx_session, size_text
+from compression.runtime import Size, cache_dir, check_fixed_size, file_key, fixed_size, hw, onnx_session
 
 
 @dataclass
@@ -66,7 +66,7 @@ def benchmark(onnx_path: str | Path, imgsz: Size | None = None, runs: int = 50, 
     inp = session.get_inputs()[0]
     fixed = fixed_size(session)
     imgsz = imgsz or fixed or 640
-    _check_fixed(onnx_path, fixed, imgsz)
+    check_fixed_size(fixed, imgsz, f"ONNX model '{onnx_path}'")
     x = np.random.default_rng(0).random((1, 3, *hw(imgsz)), dtype=np.float32)
     times = []
     for i in tqdm(range(warmup + runs), desc=f"benchmark {Path(onnx_path).name}", disable=not progress, leave=False):
@@ -82,12 +82,6 @@ def benchmark(onnx_path: str | Path, imgsz: Size | None = None, runs: int = 50, 
         threads=session.get_session_options().intra_op_num_threads, size_mb=Path(onnx_path).stat().st_size / 1e6,
         runs=runs, params=params, macs=macs, imgsz=imgsz,
     )
-
-
-def _check_fixed(path: str | Path, fixed: Size | None, imgsz: Size | None) -> None:
-    if fixed and imgsz and hw(fixed) != hw(imgsz):
-        raise UserError(f"ONNX model '{path}' has a fixed input of {size_text(fixed)} px, but imgsz={size_text(imgsz)} "
-                        "was asked")
 
 
 def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: Size | None = None, runs: int = 50,
@@ -112,7 +106,7 @@ def benchmark_pair(model: str | Path, baseline: str | Path, imgsz: Size | None =
         if not Path(path).is_file():
             raise UserError(f"ONNX model '{path}' not found")
         fixed = fixed_size(onnx_session(path, threads))
-        _check_fixed(path, fixed, imgsz)
+        check_fixed_size(fixed, imgsz, f"ONNX model '{path}'")
         sizes.append(fixed or imgsz or 640)
     rng = np.random.default_rng(0)
     inputs = [rng.random((1, 3, *hw(n)), dtype=np.float32) for n in sizes]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from compression.data import build_dataset, build_loader, load_data_config
 from compression.errors import UserError
-from compression.runtime import Predictor, Size, as_size, hw, size_text
+from compression.runtime import Predictor, Size, as_size, check_fixed_size, size_text
 
 
 IMAGE_STATS = ("tp", "conf", "pred_cls", "target_cls")  # what the validator keeps of each image, mAP's inputs
@@ -65,9 +65,7 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
     if predictor.nc != data["nc"]:
         raise UserError(f"model has {predictor.nc} classes but dataset '{data['yaml_file']}' has {data['nc']} names")
     imgsz = check_imgsz(imgsz, predictor.stride)
-    if predictor.imgsz is not None and hw(predictor.imgsz) != hw(imgsz):
-        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but "
-                        f"imgsz={size_text(imgsz)} was asked")
+    check_fixed_size(predictor.imgsz, imgsz)
 
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
     loader = build_loader(dataset, batch)

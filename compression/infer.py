@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from compression.data import IMG_SUFFIXES, letterbox, read_image
 from compression.errors import UserError
-from compression.runtime import Predictor, Size, hw, size_text, write_atomic
+from compression.runtime import Predictor, Size, check_fixed_size, write_atomic
 
 
 @dataclass
@@ -89,9 +89,7 @@ def infer(model: str | Path, source: str | Path, out: str | Path, imgsz: Size | 
     files = _images(source)
     predictor = Predictor(model, device=device)
     imgsz = imgsz or predictor.imgsz or 640
-    if predictor.imgsz and hw(predictor.imgsz) != hw(imgsz):
-        raise UserError(f"ONNX model has a fixed input of {size_text(predictor.imgsz)} px, but "
-                        f"imgsz={size_text(imgsz)} was asked")
+    check_fixed_size(predictor.imgsz, imgsz)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     import cv2

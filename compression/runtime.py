@@ -123,6 +123,12 @@ def size_text(size: Size) -> str:
     return str(h) if h == w else f"{h}x{w}"
 
 
+def check_fixed_size(fixed: Size | None, imgsz: Size | None, name: str = "ONNX model") -> None:
+    """A one-line error when a file of fixed input size ``fixed`` is asked to run at another ``imgsz``."""
+    if fixed and imgsz and hw(fixed) != hw(imgsz):
+        raise UserError(f"{name} has a fixed input of {size_text(fixed)} px, but imgsz={size_text(imgsz)} was asked")
+
+
 def fixed_size(session) -> Size | None:
     """The fixed input size of an ONNX Runtime session's first input, or None when its height or width is dynamic."""
     h, w = session.get_inputs()[0].shape[2:4]
