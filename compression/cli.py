@@ -26,9 +26,7 @@ def _export(args) -> dict:
 def _evaluate(args) -> dict:
     from compression.evaluate import evaluate
 
-    imgsz = args.imgsz or (_onnx_imgsz(args.model) if str(args.model).endswith(".onnx") and
-                           Path(args.model).is_file() else 640)
-    return asdict(evaluate(args.model, args.data, imgsz, batch=args.batch, device=args.device))
+    return asdict(evaluate(args.model, args.data, args.imgsz, batch=args.batch, device=args.device))
 
 
 def input_size(text: str):

@@ -42,8 +42,8 @@ def check_imgsz(imgsz: Size, stride: int) -> Size:
     return as_size(*rounded) if len(rounded) == 2 else rounded[0]
 
 
-def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict, imgsz: Size = 640, batch: int = 16,
-             conf: float = 0.001, iou: float = 0.6, max_det: int = 300, device: str = "auto",
+def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict, imgsz: Size | None = 640,
+             batch: int = 16, conf: float = 0.001, iou: float = 0.6, max_det: int = 300, device: str = "auto",
              progress: bool = True, keep_images: bool = False) -> EvalResult:
     """Evaluate on the ``val`` split: letterbox, NMS (conf, IoU, max_det) and mAP by ultralytics' validator.
 
@@ -52,7 +52,8 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
     Args:
         model: torch model, ``.pt``/``.yaml``/``.onnx`` path, or a :class:`Predictor`.
         data: dataset YAML path or a config from :func:`load_data_config`.
-        imgsz: input size, a square side or ``(height, width)`` (rounded up to the model stride).
+        imgsz: input size, a square side or ``(height, width)`` (rounded up to the model stride); None: an ONNX
+            file's own size, else 640.
         keep_images: also return each image's matches (``per_image``), for :func:`map_drop_sd`.
 
     Example:
@@ -64,7 +65,7 @@ def evaluate(model: nn.Module | str | Path | Predictor, data: str | Path | dict,
     data = data if isinstance(data, dict) else load_data_config(data)
     if predictor.nc != data["nc"]:
         raise UserError(f"model has {predictor.nc} classes but dataset '{data['yaml_file']}' has {data['nc']} names")
-    imgsz = check_imgsz(imgsz, predictor.stride)
+    imgsz = check_imgsz(imgsz or predictor.imgsz or 640, predictor.stride)
     check_fixed_size(predictor.imgsz, imgsz)
 
     dataset = build_dataset(data, "val", imgsz, batch=batch, stride=predictor.stride)
