@@ -93,14 +93,16 @@ def _best(args) -> dict:
 
 def _history(args) -> dict:
     from compression.errors import UserError
+    from compression.config import parse_sets
     from compression.experiment import tuner_history
     from compression.runtime import write_atomic
+    from compression.score import build_score_config
 
     try:
         space = json.loads(Path(args.space).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the search space '{args.space}': {e}") from None
-    records, left_out = tuner_history(_trials(args), space)
+    records, left_out = tuner_history(_trials(args), space, build_score_config(parse_sets(args.score)))
     if not records:
         raise UserError(f"experiment {args.experiment} has no succeeded trial that fits {args.space}")
     write_atomic(Path(args.out), json.dumps(records, indent=1))
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .json, for nnictl experiment import <id> --filename")
     p.add_argument("--space", default=str(ROOT / "search_space.json"),
                    help="the new experiment's search space: trials that do not fit it are left out")
+    p.add_argument("--score", action="append", default=[], metavar="KEY=VALUE",
+                   help="the new experiment's ScoreConfig field, if not the default (repeatable, as trial.py's): each "
+                        "trial's value is its score under it, whatever score it reported")
     p.set_defaults(func=_history)
 
     p = sub.add_parser("infer", help="draw detections on an image or a folder of images; JSON of detections")

@@ -194,17 +194,28 @@ def _in_space(value, spec: dict) -> bool:
     return False  # a type this check does not know: leave the trial out rather than hand TPE a value it rejects
 
 
-def tuner_history(trials: list[Trial], space: dict) -> tuple[list[dict], list[str]]:
+def tuner_history(trials: list[Trial], space: dict, score_cfg=None) -> tuple[list[dict], list[str]]:
     """The finished trials as NNI's import data (``nnictl experiment import <id> -f FILE``): one
     ``{"parameter": ..., "value": score}`` per SUCCEEDED trial with a numeric score, so a new experiment's tuner
-    starts from what an earlier one learned. Trials whose parameters do not fit ``space`` (its keys and values: a
-    search space changed since) are left out; returns ``(records, ids left out)``."""
+    starts from what an earlier one learned. With ``score_cfg`` (a :class:`compression.score.ScoreConfig`) each
+    value is the trial's score under it (:func:`compression.score.rescore`), so that trials scored with other
+    weights reach the tuner on the new experiment's scale. Trials whose parameters do not fit ``space`` (its keys
+    and values: a search space changed since), or whose metric cannot be rescored, are left out; returns
+    ``(records, ids left out)``."""
+    from compression.score import rescore
+
     records, left_out = [], []
     for t in trials:
         value = t.metrics.get("default")
         if t.status != "SUCCEEDED" or not isinstance(value, (int, float)):
             continue
-        if set(t.parameters) == set(space) and all(_in_space(t.parameters[k], space[k]) for k in space):
+        fits = set(t.parameters) == set(space) and all(_in_space(t.parameters[k], space[k]) for k in space)
+        if fits and score_cfg is not None:
+            try:
+                value = rescore(t.metrics, score_cfg)
+            except UserError:
+                fits = False
+        if fits:
             records.append({"parameter": t.parameters, "value": value})
         else:
             left_out.append(t.id)

@@ -262,3 +262,16 @@ def test_dashboard_shows_the_trials_and_their_metrics_in_a_real_browser(experime
                     assert any(x == pytest.approx(final[key], rel=1e-5, abs=1e-6) for x in shown), (key, shown)
         finally:
             browser.close()
+
+
+def test_history_hands_the_tuner_each_trial_scored_as_the_new_experiment_scores():
+    from compression.score import ScoreConfig, rescore
+
+    space = {"imgsz": {"_type": "choice", "_value": [320, 448]}}
+    held = {"score_mAP50_95": 0.24, "score_baseline_mAP50_95": 0.26, "score_drop_sd": 0.009, "speedup": 3.0,
+            "compression": 3.5}
+    trials = [Trial("scored", "SUCCEEDED", None, {"default": 9.0, **held}, {"imgsz": 448}),
+              Trial("no_figures", "SUCCEEDED", None, {"default": 2.0}, {"imgsz": 320})]
+    records, left_out = tuner_history(trials, space, ScoreConfig(penalty=0.2))
+    assert records == [{"parameter": {"imgsz": 448}, "value": rescore(held, ScoreConfig(penalty=0.2))}]
+    assert records[0]["value"] != 9.0 and left_out == ["no_figures"]
