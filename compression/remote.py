@@ -152,6 +152,9 @@ def remote_config(base: dict, overlay: dict, shared: Path, manager_ip: str, host
     config["trialCodeDirectory"] = str(code_dir)
     if "searchSpaceFile" in base:
         config["searchSpaceFile"] = str((base_dir / base["searchSpaceFile"]).resolve())
+    for algo in ("tuner", "assessor"):  # a custom algorithm's folder is relative to experiment.yml, not to this file
+        if isinstance(config.get(algo), dict) and "codeDirectory" in config[algo]:
+            config[algo] = {**config[algo], "codeDirectory": str((base_dir / config[algo]["codeDirectory"]).resolve())}
     command = trial_command(base["trialCommand"], env, code_dir)
     config["trialCommand"] = f"YC_SHARED={shlex.quote(str(shared))} {command}"
     return config

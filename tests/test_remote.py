@@ -62,7 +62,8 @@ def test_remote_config_keeps_the_search_and_sets_what_workers_need(tmp_path):
     hosts = parse_hosts("u@10.0.0.2 u@10.0.0.3:2222 u@10.0.0.4")
     cfg = remote_config(base, overlay, tmp_path / "shared", "10.0.0.1", hosts, tmp_path / "key", "/opt/venv/bin",
                         env={"YC_IMGSZ": "320"})
-    assert cfg["tuner"] == base["tuner"] and cfg["maxTrialNumber"] == base["maxTrialNumber"]
+    assert cfg["tuner"] == {**base["tuner"], "codeDirectory": str(ROOT)}  # the custom tuner's folder, made absolute
+    assert cfg["assessor"] == base["assessor"] and cfg["maxTrialNumber"] == base["maxTrialNumber"]
     assert cfg["nniManagerIp"] == "10.0.0.1" and cfg["trialConcurrency"] == 3
     assert cfg["trainingService"]["platform"] == "remote"
     assert [(m["host"], m["port"], m["pythonPath"]) for m in cfg["trainingService"]["machineList"]] == [

@@ -1,0 +1,62 @@
+"""NNI's TPE tuner, told about the trials that end without a score, and started from earlier experiments.
+
+The one module besides ``trial.py`` that imports ``nni``: NNI's dispatcher loads it (``experiment.yml``'s ``tuner:
+className: compression.tuner.StopAwareTpe``), nothing in the trial path does.
+
+Two gaps of NNI 3.0's TPE that cost this project whole experiments:
+
+1. A trial the assessor stops (or that fails) reports no final metric, and TPE only learns from final metrics: it
+   drew the same stopped settings again and again (experiment s1ah0cit: eight pruned QAT trials in a row, seven
+   stopped by the assessor). Here such a trial counts as ``stopped_value`` (default 0, the lowest score there is).
+2. ``nnictl experiment import`` reaches the tuner only after the experiment has started its first trial, which is
+   then drawn at random. Here the import data named by ``YC_PRIOR`` (``python -m compression history`` output, an
+   absolute path) is replayed before the first trial is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from nni.algorithms.hpo.tpe_tuner import TpeTuner
+
+_logger = logging.getLogger(__name__)
+
+
+class StopAwareTpe(TpeTuner):
+    """:class:`nni.algorithms.hpo.tpe_tuner.TpeTuner` plus a value for the trials that end without one, and a prior.
+
+    ``stopped_value`` is the value recorded for a trial that ends (early-stopped, failed or killed) before reporting
+    a final metric; ``prior`` (default: the ``YC_PRIOR`` environment variable) is a JSON list of NNI import records
+    ``{"parameter": ..., "value": ...}`` replayed when the search space arrives, before any trial is drawn.
+
+    Example (NNI's dispatcher does this from ``experiment.yml``):
+        >>> tuner = StopAwareTpe(optimize_mode="maximize", prior="/abs/prior.json")
+        >>> tuner.update_search_space(space); tuner.generate_parameters(0)  # drawn with the prior's trials known
+    """
+
+    def __init__(self, optimize_mode: str = "maximize", seed: int | None = None, tpe_args: dict | None = None,
+                 stopped_value: float = 0.0, prior: str | None = None):
+        super().__init__(optimize_mode=optimize_mode, seed=seed, tpe_args=tpe_args)
+        self.stopped_value = float(stopped_value)
+        prior = prior if prior is not None else os.environ.get("YC_PRIOR", "")
+        self._prior = Path(prior) if prior else None
+        if self._prior is not None and not (self._prior.is_absolute() and self._prior.is_file()):
+            raise FileNotFoundError(f"prior '{prior}' is not an absolute path to a file (YC_PRIOR must be absolute: "
+                                    f"NNI's dispatcher runs in the experiment's log folder)")
+
+    def update_search_space(self, space):
+        super().update_search_space(space)
+        if self._prior is not None:  # once: a later space update must not replay it twice
+            prior, self._prior = self._prior, None
+            records = json.loads(prior.read_text())
+            self.import_data(records)
+            _logger.info("replayed %d trials of %s before the first draw", len(records), prior)
+
+    def trial_end(self, parameter_id, success, **kwargs):
+        if not success and parameter_id in self._running_params:  # ended without a final metric
+            self.receive_trial_result(parameter_id, None, self.stopped_value)
+            _logger.info("trial %s ended without a score: recorded as %s", parameter_id, self.stopped_value)
+        super().trial_end(parameter_id, success, **kwargs)

@@ -1,0 +1,67 @@
+"""StopAwareTpe: the trials that end without a score, and the prior replayed before the first draw."""
+
+import json
+
+import pytest
+
+from compression.tuner import StopAwareTpe
+
+SPACE = {"imgsz": {"_type": "choice", "_value": [320, 448, 640]}, "lr": {"_type": "loguniform", "_value": [0.001, 0.01]}}
+
+
+def recorded(tuner: StopAwareTpe) -> list[float]:
+    return sorted(-r.loss for r in tuner._history[("imgsz",)])  # maximize: TPE keeps -value as the loss
+
+
+def test_a_stopped_trial_is_recorded_at_stopped_value_and_a_scored_one_at_its_score():
+    tuner = StopAwareTpe(seed=0, stopped_value=-5.0, prior="")
+    tuner.update_search_space(SPACE)
+    scored, stopped, killed_after_score = (tuner.generate_parameters(i) for i in range(3))
+    tuner.receive_trial_result(0, scored, 2.5)
+    tuner.trial_end(0, True)
+    tuner.trial_end(1, False)                         # the assessor stopped it: no final metric came
+    tuner.receive_trial_result(2, killed_after_score, 1.5)
+    tuner.trial_end(2, False)                         # failed after its score: recorded once, with its score
+    assert recorded(tuner) == [-5.0, 1.5, 2.5]
+    assert not tuner._running_params
+
+
+def test_after_a_stopped_trial_tpe_draws_away_from_it():
+    space = {"mode": {"_type": "choice", "_value": ["a", "b", "c", "d"]}, "x": {"_type": "uniform", "_value": [0, 1]}}
+    draws = {}
+    for kind in ("stopped", "forgotten"):
+        tuner = StopAwareTpe(seed=1, tpe_args={"n_startup_jobs": 2}, prior="")
+        tuner.update_search_space(space)
+        tuner.import_data([{"parameter": {"mode": "a", "x": 0.5}, "value": 1.0},
+                           {"parameter": {"mode": "b", "x": 0.5}, "value": 1.0}])
+        picks = []
+        for i in range(12):
+            p = tuner.generate_parameters(i)
+            picks.append(p["mode"])
+            if p["mode"] in ("a", "b"):
+                tuner.receive_trial_result(i, p, 1.0)
+            elif kind == "stopped":
+                tuner.trial_end(i, False)             # c and d are stopped every time
+            else:
+                tuner._running_params.pop(i)          # NNI's TPE: the stopped trial leaves no trace
+        draws[kind] = picks
+    assert draws["stopped"].count("c") + draws["stopped"].count("d") < \
+        draws["forgotten"].count("c") + draws["forgotten"].count("d")
+
+
+def test_the_prior_is_replayed_before_the_first_draw(tmp_path, monkeypatch):
+    prior = tmp_path / "prior.json"
+    prior.write_text(json.dumps([{"parameter": {"imgsz": 448, "lr": 0.005}, "value": 3.0},
+                                 {"parameter": {"imgsz": 640, "lr": 0.002}, "value": 0.0}]))
+    monkeypatch.setenv("YC_PRIOR", str(prior))
+    tuner = StopAwareTpe(seed=0)
+    tuner.update_search_space(SPACE)
+    assert recorded(tuner) == [0.0, 3.0]
+    tuner.update_search_space(SPACE)                  # a later space update does not replay it again
+    assert len(tuner._history[("imgsz",)]) == 2
+
+
+@pytest.mark.parametrize("prior", ["prior.json", "/nonexistent/prior.json"])
+def test_a_prior_that_is_not_an_absolute_file_is_refused_at_start(prior):
+    with pytest.raises(FileNotFoundError, match="absolute"):
+        StopAwareTpe(prior=prior)
