@@ -185,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "mAP50_95, the val figure, makes the best trial's val mAP an optimistic estimate)")
     p.set_defaults(func=_best)
 
-    p = _experiment_parser(sub, "history", "write an experiment's finished trials as NNI import data, to start a new "
-                                           "experiment's tuner from them (same weights, data and budget)")
-    p.add_argument("--out", required=True, help="output .json, for nnictl experiment import <id> --filename")
+    p = _experiment_parser(sub, "history", "write an experiment's ended trials as NNI import data, to start a new "
+                                           "experiment's tuner from them (same weights, data and budget); a trial "
+                                           "that ended without a score counts as 0")
+    p.add_argument("--out", required=True, help="output .json, for make experiment PRIOR=... (YC_PRIOR) or nnictl "
+                                                "experiment import <id> --filename")
     p.add_argument("--space", default=str(ROOT / "search_space.json"),
                    help="the new experiment's search space: trials that do not fit it are left out")
     p.add_argument("--score", action="append", default=[], metavar="KEY=VALUE",

@@ -22,6 +22,7 @@ from compression.errors import UserError
 from compression.runtime import copy_atomic, shared_dir
 
 DEFAULT_ROOT = "~/nni-experiments"
+ENDED_WITHOUT_SUCCESS = ("EARLY_STOPPED", "FAILED", "USER_CANCELED", "SYS_CANCELED")  # NNI trial states
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -194,23 +195,28 @@ def _in_space(value, spec: dict) -> bool:
     return False  # a type this check does not know: leave the trial out rather than hand TPE a value it rejects
 
 
-def tuner_history(trials: list[Trial], space: dict, score_cfg=None) -> tuple[list[dict], list[str]]:
-    """The finished trials as NNI's import data (``nnictl experiment import <id> -f FILE``): one
-    ``{"parameter": ..., "value": score}`` per SUCCEEDED trial with a numeric score, so a new experiment's tuner
-    starts from what an earlier one learned. With ``score_cfg`` (a :class:`compression.score.ScoreConfig`) each
-    value is the trial's score under it (:func:`compression.score.rescore`), so that trials scored with other
-    weights reach the tuner on the new experiment's scale. Trials whose parameters do not fit ``space`` (its keys
-    and values: a search space changed since), or whose metric cannot be rescored, are left out; returns
-    ``(records, ids left out)``."""
+def tuner_history(trials: list[Trial], space: dict, score_cfg=None,
+                  stopped_value: float = 0.0) -> tuple[list[dict], list[str]]:
+    """The ended trials as NNI's import data (``nnictl experiment import <id> -f FILE``, or ``YC_PRIOR``): one
+    ``{"parameter": ..., "value": score}`` per trial with a numeric score, so a new experiment's tuner starts from
+    what an earlier one learned. With ``score_cfg`` (a :class:`compression.score.ScoreConfig`) each value is the
+    trial's score under it (:func:`compression.score.rescore`), so that trials scored with other weights reach the
+    tuner on the new experiment's scale. A trial that ended without a score (stopped by the assessor, failed,
+    killed) gets ``stopped_value``, as :class:`compression.tuner.StopAwareTpe` records it during a run; running
+    and waiting trials are skipped. Trials whose parameters do not fit ``space`` (its keys and values: a search
+    space changed since), or whose metric cannot be rescored, are left out; returns ``(records, ids left out)``."""
     from compression.score import rescore
 
     records, left_out = [], []
     for t in trials:
         value = t.metrics.get("default")
-        if t.status != "SUCCEEDED" or not isinstance(value, (int, float)):
+        scored = isinstance(value, (int, float))
+        if not scored and t.status not in ENDED_WITHOUT_SUCCESS:
             continue
+        if not scored:
+            value = stopped_value
         fits = set(t.parameters) == set(space) and all(_in_space(t.parameters[k], space[k]) for k in space)
-        if fits and score_cfg is not None:
+        if fits and scored and score_cfg is not None:
             try:
                 value = rescore(t.metrics, score_cfg)
             except UserError:

@@ -151,11 +151,17 @@ def test_history_leaves_out_what_the_new_space_cannot_take():
               Trial("old_size", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 640, "lr": 0.005}),
               Trial("lr_out", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 320, "lr": 0.05}),
               Trial("new_key", "SUCCEEDED", None, {"default": 3.0}, {"imgsz": 320}),
-              Trial("stopped", "USER_CANCELED", None, {}, {"imgsz": 320, "lr": 0.005}),
-              Trial("failed", "FAILED", None, {"default": 1.0}, {"imgsz": 320, "lr": 0.005})]
-    records, left_out = tuner_history(trials, space)
-    assert records == [{"parameter": {"imgsz": 448, "lr": 0.005}, "value": 2.0}]
-    assert left_out == ["old_size", "lr_out", "new_key"]
+              Trial("stopped", "EARLY_STOPPED", None, {}, {"imgsz": 320, "lr": 0.005}),
+              Trial("running", "RUNNING", None, {}, {"imgsz": 448, "lr": 0.002}),
+              Trial("stopped_old_size", "USER_CANCELED", None, {}, {"imgsz": 640, "lr": 0.005}),
+              Trial("failed_after_score", "FAILED", None, {"default": 1.0}, {"imgsz": 320, "lr": 0.002})]
+    records, left_out = tuner_history(trials, space, stopped_value=-1.0)
+    # a trial that ended without a score counts as stopped_value (as StopAwareTpe records it in a run); a running one
+    # is not over yet; a score reported before a failure is what the tuner got
+    assert records == [{"parameter": {"imgsz": 448, "lr": 0.005}, "value": 2.0},
+                       {"parameter": {"imgsz": 320, "lr": 0.005}, "value": -1.0},
+                       {"parameter": {"imgsz": 320, "lr": 0.002}, "value": 1.0}]
+    assert left_out == ["old_size", "lr_out", "new_key", "stopped_old_size"]
 
 
 def test_pareto_front_keeps_only_undominated_points():
