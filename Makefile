@@ -22,12 +22,13 @@ test-slow: $(STAMP)
 	$(BIN)/pip install -q -e ".[test,browser]"
 	$(BIN)/python -m pytest -q -m slow tests
 
-# The main job. Overrides, none required: WEIGHTS, DATA, IMGSZ, BUDGET ("--set key=value ..."), PORT.
+# The main job. Overrides, none required: WEIGHTS, DATA, IMGSZ, BUDGET ("--set key=value ..."), PORT, and PRIOR (a
+# `python -m compression history` file: earlier trials the tuner knows before its first draw).
 PORT    ?= 8080
 experiment: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" \
 	$(if $(WEIGHTS),YC_WEIGHTS="$(abspath $(WEIGHTS))") $(if $(DATA),YC_DATA="$(abspath $(DATA))") \
-	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") \
+	$(if $(IMGSZ),YC_IMGSZ="$(IMGSZ)") $(if $(BUDGET),YC_BUDGET="$(BUDGET)") $(if $(PRIOR),YC_PRIOR="$(abspath $(PRIOR))") \
 	$(BIN)/nnictl create --config experiment.yml --port $(PORT)
 	@echo "dashboard: http://localhost:$(PORT)   best model: $(BIN)/python -m compression best --experiment <ID> --out best.onnx"
 
