@@ -86,9 +86,12 @@ def _trials(args):
 
 
 def _best(args) -> dict:
+    from compression.config import parse_sets
     from compression.experiment import best_trial, export_best
+    from compression.score import build_score_config
 
-    return export_best(best_trial(_trials(args), args.metric), args.out)
+    score_cfg = build_score_config(parse_sets(args.score))
+    return export_best(best_trial(_trials(args), args.metric, score_cfg), args.out)
 
 
 def _history(args) -> dict:
@@ -183,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="default",
                    help="final-metric key to rank by (default: the score, on held-out train images; ranking by "
                         "mAP50_95, the val figure, makes the best trial's val mAP an optimistic estimate)")
+    p.add_argument("--score", action="append", default=[], metavar="KEY=VALUE",
+                   help="the experiment's ScoreConfig field, if it set one (repeatable, as trial.py's): trials that "
+                        "shipped the same file are rescored with their pooled speedup under it")
     p.set_defaults(func=_best)
 
     p = _experiment_parser(sub, "history", "write an experiment's ended trials as NNI import data, to start a new "

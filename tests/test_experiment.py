@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compression.experiment import Trial, best_trial, trials_from_disk, tuner_history
+from compression.experiment import Trial, best_trial, pooled_scores, trials_from_disk, tuner_history
 from compression.runtime import onnx_session
+from compression.score import ScoreConfig, rescore
 from conftest import write_yolov5_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,3 +282,25 @@ def test_history_hands_the_tuner_each_trial_scored_as_the_new_experiment_scores(
     records, left_out = tuner_history(trials, space, ScoreConfig(penalty=0.2))
     assert records == [{"parameter": {"imgsz": 448}, "value": rescore(held, ScoreConfig(penalty=0.2))}]
     assert records[0]["value"] != 9.0 and left_out == ["no_figures"]
+
+
+def test_trials_that_shipped_one_file_are_ranked_by_their_pooled_speedup(tmp_path):
+    def trial(tid, content, speedup, acc=0.25):
+        folder = tmp_path / tid
+        folder.mkdir()
+        (folder / "model.onnx").write_bytes(content)
+        (folder / "report.json").write_text("{}")
+        metrics = {"score_mAP50_95": acc, "score_baseline_mAP50_95": 0.26, "score_drop_sd": 0.0,
+                   "speedup": speedup, "compression": 3.4}
+        return Trial(tid, "SUCCEEDED", folder, {**metrics, "default": rescore(metrics, ScoreConfig())}, {})
+
+    # file a: one lucky run among slow ones; file b: slightly less accurate on held-out, timed alike twice
+    trials = [trial("a1", b"a", 3.7), trial("a2", b"a", 2.6), trial("a3", b"a", 2.7),
+              trial("b1", b"b", 3.3, acc=0.249), trial("b2", b"b", 3.3, acc=0.249), trial("c", b"c", 2.0)]
+    assert max(trials, key=lambda t: t.metrics["default"]).id == "a1"  # by each trial's own run
+    pooled = pooled_scores(trials)
+    assert "c" not in pooled and pooled["a1"] == pytest.approx(pooled["a3"])
+    mean_a = (3.7 * 2.6 * 2.7) ** (1 / 3)
+    assert pooled["a2"] == pytest.approx(trials[1].metrics["default"] * mean_a / 2.6)  # w_latency 1
+    assert best_trial(trials).id in ("b1", "b2")
+    assert best_trial(trials, "speedup").id == "a1"  # other metrics are ranked as reported
