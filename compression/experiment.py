@@ -191,8 +191,9 @@ def pooled_scores(trials: list[Trial], score_cfg=None) -> dict[str, float]:
 
     groups: dict[str, list[Trial]] = {}
     for t in trials:
-        digest = hashlib.sha1((t.folder / "model.onnx").read_bytes()).hexdigest()
-        groups.setdefault(digest, []).append(t)
+        model = t.folder / "model.onnx" if t.folder is not None else None
+        if model is not None and model.is_file():  # without its file a trial is ranked by its own score
+            groups.setdefault(hashlib.sha1(model.read_bytes()).hexdigest(), []).append(t)
     pooled = {}
     for group in groups.values():
         speeds = [t.metrics.get("speedup") for t in group]
