@@ -7,7 +7,8 @@ Two gaps of NNI 3.0's TPE that cost this project whole experiments:
 
 1. A trial the assessor stops (or that fails) reports no final metric, and TPE only learns from final metrics: it
    drew the same stopped settings again and again (experiment s1ah0cit: eight pruned QAT trials in a row, seven
-   stopped by the assessor). Here such a trial counts as ``stopped_value`` (default 0, the lowest score there is).
+   stopped by the assessor). Here such a trial counts as ``stopped_value`` (default: 0, the lowest score there is; when
+   minimising, infinity).
 2. ``nnictl experiment import`` reaches the tuner only after the experiment has started its first trial, which is
    then drawn at random. Here the import data named by ``YC_PRIOR`` (``python -m compression history`` output, an
    absolute path) is replayed before the first trial is drawn.
@@ -38,8 +39,10 @@ class StopAwareTpe(TpeTuner):
     """
 
     def __init__(self, optimize_mode: str = "maximize", seed: int | None = None, tpe_args: dict | None = None,
-                 stopped_value: float = 0.0, prior: str | None = None):
+                 stopped_value: float | None = None, prior: str | None = None):
         super().__init__(optimize_mode=optimize_mode, seed=seed, tpe_args=tpe_args)
+        if stopped_value is None:  # the worst value there is: a score is >= 0; a minimised metric has no ceiling
+            stopped_value = 0.0 if optimize_mode == "maximize" else float("inf")
         self.stopped_value = float(stopped_value)
         prior = prior if prior is not None else os.environ.get("YC_PRIOR", "")
         self._prior = Path(prior) if prior else None

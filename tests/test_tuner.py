@@ -65,3 +65,13 @@ def test_the_prior_is_replayed_before_the_first_draw(tmp_path, monkeypatch):
 def test_a_prior_that_is_not_an_absolute_file_is_refused_at_start(prior):
     with pytest.raises(FileNotFoundError, match="absolute"):
         StopAwareTpe(prior=prior)
+
+
+def test_when_minimising_a_stopped_trial_counts_as_the_worst_value():
+    tuner = StopAwareTpe(optimize_mode="minimize", seed=0, prior="")
+    tuner.update_search_space(SPACE)
+    params = tuner.generate_parameters(0)
+    tuner.receive_trial_result(0, params, 0.0)
+    tuner.generate_parameters(1)
+    tuner.trial_end(1, False)
+    assert sorted(r.loss for r in tuner._history[("imgsz",)]) == [0.0, float("inf")]
