@@ -34,6 +34,11 @@ STAGE_KEYS: dict[type, dict[str, str]] = {
 }
 
 
+# The DistillConfig fields that QAT sets itself (TrialConfig.qat_distill_config): the flat keys of the others
+# (kd_temperature, kd_feature, kd_images, batch, ...) reach QAT.
+QAT_SETS = ("steps", "evals", "kd_alpha", "lr", "optimizer", "mosaic", "crop", "warmup_steps", "freeze_bn")
+
+
 @dataclass
 class _TrialKeys:
     """The keys that belong to the trial itself, not to one stage (TrialConfig adds the stage keys after them)."""
@@ -91,9 +96,37 @@ class _TrialKeys:
     def qat_distill_config(self, steps_per_epoch: int) -> DistillConfig:
         # QAT learns to match the FP32 teacher, not the labels: pure distillation keeps it where the teacher is;
         # whole images without mosaic, as the INT8 file will see them.
-        return dataclasses.replace(self.distill_config(), steps=self.qat_epochs * steps_per_epoch, kd_alpha=1.0,
-                                   lr=self.qat_lr, optimizer="sgd", mosaic=0.0, crop=0, warmup_steps=0,
-                                   evals=self.qat_epochs, freeze_bn=True)  # BN folds into the INT8 weights
+        fixed = {"kd_alpha": 1.0, "lr": self.qat_lr, "optimizer": "sgd", "mosaic": 0.0, "crop": 0, "warmup_steps": 0,
+                 "freeze_bn": True}  # BN folds into the INT8 weights
+        return dataclasses.replace(self.distill_config(), steps=self.qat_epochs * steps_per_epoch,
+                                   evals=self.qat_epochs, **fixed)
+
+
+def inert_keys(values: dict) -> set[str]:
+    """The keys of ``values`` (flat TrialConfig keys, e.g. one NNI draw) that cannot change what the trial makes,
+    given the others there: without pruning (``sparsity`` 0) nothing is distilled, so the pruning and recovery keys
+    are idle, and so are the distillation keys QAT reads unless ``qat_epochs`` > 0; ``qat_lr`` without QAT; the ReLU
+    fit's keys without ReLU blocks. A key that decides (sparsity, qat_epochs, relu_blocks) counts only when it is in
+    ``values``: the trial's fixed budget may set it otherwise.
+
+    Example:
+        >>> sorted(inert_keys({"sparsity": 0.0, "qat_epochs": 0, "lr": 0.004, "kd_temperature": 2.0, "deploy_imgsz": 448}))
+        ['kd_temperature', 'lr']
+    """
+    inert: set[str] = set()
+    no_qat = values.get("qat_epochs", 1) == 0
+    if values.get("sparsity", 1) == 0:
+        inert |= {key for key in STAGE_KEYS[PruneConfig] if key != "sparsity"} | {"round_steps", "recon_images"}
+        distill = STAGE_KEYS[DistillConfig]
+        shared = {key for stage, keys in STAGE_KEYS.items() if stage is not DistillConfig for key in keys}
+        inert |= {key for key, name in distill.items()
+                  if key not in shared and (name in QAT_SETS or no_qat)}
+    if no_qat:
+        inert.add("qat_lr")
+    if values.get("relu_blocks", 1) == 0:
+        shared = {key for stage, keys in STAGE_KEYS.items() if stage is not ReluConfig for key in keys}
+        inert |= {key for key in STAGE_KEYS[ReluConfig] if key not in shared and key != "relu_blocks"}
+    return inert & set(values)
 
 
 def _stage_fields() -> list[tuple[str, str, dataclasses.Field]]:

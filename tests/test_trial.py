@@ -317,3 +317,48 @@ def test_a_trial_shaped_like_its_train_images_runs_at_their_aspect(tiny_pt, wide
     assert onnx_session(tmp_path / "model.onnx").get_inputs()[0].shape[2:] == [96, 128]
     assert (report["final"]["imgsz"], report["final"]["imgsz_h"], report["final"]["imgsz_w"]) == (128, 96, 128)
     assert report["stages"]["relu"]["imgsz"] == [96, 128]  # fitted on the images as they will be deployed
+
+
+def test_inert_keys_follow_what_runs():
+    from compression.config import inert_keys
+
+    drawn = {"sparsity": 0.0, "qat_epochs": 0, "relu_blocks": 3, "lr": 0.004, "kd_alpha": 0.7, "kd_temperature": 2.0,
+             "relu_epochs": 4, "deploy_imgsz": 448, "seed": 1, "device": "cpu", "int8_fallback": "pair_safe"}
+    assert inert_keys(drawn) == {"lr", "kd_alpha", "kd_temperature"}
+    # QAT distils with the trial's temperature, at its own learning rate and alpha
+    assert inert_keys({**drawn, "qat_epochs": 1, "qat_lr": 0.01}) == {"lr", "kd_alpha"}
+    assert inert_keys({**drawn, "sparsity": 0.1, "qat_lr": 0.01}) == {"qat_lr"}
+    assert inert_keys({**drawn, "relu_blocks": 0, "relu_lr": 0.01}) == {"lr", "kd_alpha", "kd_temperature",
+                                                                         "relu_epochs", "relu_lr"}
+    # a deciding key the draw does not hold may be set otherwise by the trial's budget: nothing is inert by it
+    assert inert_keys({k: v for k, v in drawn.items() if k != "sparsity"}) == set()
+
+
+def test_qat_reads_every_distillation_key_but_those_it_sets():
+    from compression.config import QAT_SETS
+
+    cfg = build_config({"kd_steps": 7, "kd_temperature": 3.0, "kd_alpha": 0.3, "kd_feature": 0.5, "crop": 64,
+                        "lr": 0.05, "optimizer": "adamw", "freeze_bn": False, "batch": 4, "mosaic": 0.7,
+                        "qat_epochs": 2, "qat_lr": 0.002})
+    trained, qat = dataclasses.asdict(cfg.distill_config()), dataclasses.asdict(cfg.qat_distill_config(10))
+    assert {name for name in trained if trained[name] != qat[name]} == set(QAT_SETS)
+    assert (qat["steps"], qat["lr"], qat["kd_temperature"], qat["batch"]) == (20, 0.002, 3.0, 4)
+
+
+def test_changing_inert_keys_makes_the_same_model(tiny_pt, tiny_data, tmp_path, env):
+    from compression.config import inert_keys
+
+    base = {"sparsity": 0, "qat_epochs": 0, "relu_blocks": 0, "deploy_imgsz": 64, "calib_images": 8,
+            "bench_threads": 1, "device": "cpu"}
+    other = {"lr": 0.009, "kd_alpha": 0.5, "kd_temperature": 3.0, "kd_steps": 3, "kd_feature": 0.5, "crop": 32,
+             "optimizer": "adamw", "freeze_bn": False, "batch": 2, "mosaic": 0.5, "prune_method": "channels",
+             "prune_importance": "l1", "prune_rounds": 2, "round_steps": 3, "recon_images": 4, "qat_lr": 0.01,
+             "relu_epochs": 1, "relu_lr": 0.01, "relu_match": True}
+    assert inert_keys({**base, **other}) == set(other)  # every key the tuner may ignore here is changed below
+    files = []
+    for i, sets in enumerate((base, {**base, **other})):
+        out = tmp_path / str(i)
+        r = run_trial(tiny_pt, tiny_data, out, *(f"{k}={v}" for k, v in sets.items()), env=env, imgsz=128)
+        assert r.returncode == 0, r.stderr[-2000:]
+        files.append((out / "model.onnx").read_bytes())
+    assert files[0] == files[1]

@@ -75,3 +75,29 @@ def test_when_minimising_a_stopped_trial_counts_as_the_worst_value():
     tuner.generate_parameters(1)
     tuner.trial_end(1, False)
     assert sorted(r.loss for r in tuner._history[("imgsz",)]) == [0.0, float("inf")]
+
+
+DEDUP_SPACE = {"deploy_imgsz": {"_type": "choice", "_value": [320, 448, 640]},
+               "sparsity": {"_type": "choice", "_value": [0.0]},
+               "qat_epochs": {"_type": "choice", "_value": [0]},
+               "lr": {"_type": "loguniform", "_value": [0.001, 0.01]}}
+
+
+def draws(redraws: int, count: int, prior: list | None = None, seed: int = 3) -> list[int]:
+    tuner = StopAwareTpe(seed=seed, prior="", redraws=redraws)
+    tuner.update_search_space(DEDUP_SPACE)
+    if prior:
+        tuner.import_data(prior)
+    return [tuner.generate_parameters(i)["deploy_imgsz"] for i in range(count)]
+
+
+def test_a_draw_that_would_make_an_earlier_model_is_drawn_again():
+    # unpruned without QAT, lr changes nothing: only deploy_imgsz tells the models apart
+    assert len(set(draws(redraws=0, count=3))) < 3   # NNI's TPE alone repeats a model here (a continuous key)
+    assert sorted(draws(redraws=20, count=3)) == [320, 448, 640]
+    assert len(draws(redraws=20, count=5)) == 5      # nothing new left: the repeat stands
+
+
+def test_imported_trials_count_as_made():
+    prior = [{"parameter": {"deploy_imgsz": 448, "sparsity": 0, "qat_epochs": 0, "lr": 0.002}, "value": 3.0}]
+    assert sorted(draws(redraws=20, count=2, prior=prior)) == [320, 640]
