@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from nni.common.hpo_utils import deformat_parameters
 
 from compression.tuner import StopAwareTpe
 
@@ -92,10 +93,25 @@ def draws(redraws: int, count: int, prior: list | None = None, seed: int = 3) ->
 
 
 def test_a_draw_that_would_make_an_earlier_model_is_drawn_again():
-    # unpruned without QAT, lr changes nothing: only deploy_imgsz tells the models apart
-    assert len(set(draws(redraws=0, count=3))) < 3   # NNI's TPE alone repeats a model here (a continuous key)
+    from nni.algorithms.hpo.tpe_tuner import TpeTuner
+
+    plain = TpeTuner(seed=3)
+    plain.update_search_space(DEDUP_SPACE)
+    # unpruned without QAT, lr changes nothing: only deploy_imgsz tells the models apart; NNI's TPE repeats one
+    assert len({plain.generate_parameters(i)["deploy_imgsz"] for i in range(3)}) < 3
     assert sorted(draws(redraws=20, count=3)) == [320, 448, 640]
     assert len(draws(redraws=20, count=5)) == 5      # nothing new left: the repeat stands
+
+
+def test_when_tpe_has_settled_one_choice_of_its_draw_changes_and_tpe_learns_that_value():
+    tuner = StopAwareTpe(seed=3, prior="", redraws=0)
+    tuner.update_search_space(DEDUP_SPACE)
+    made = [tuner.generate_parameters(i) for i in range(3)]
+    assert sorted(p["deploy_imgsz"] for p in made) == [320, 448, 640]
+    for i, params in enumerate(made):                # TPE records the values the trial ran with
+        assert deformat_parameters(tuner._running_params[i], tuner.space) == params
+        tuner.receive_trial_result(i, params, float(i))
+    assert sorted(r.param for r in tuner._history[("deploy_imgsz",)]) == [0, 1, 2]  # choice indices
 
 
 def test_imported_trials_count_as_made():
