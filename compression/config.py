@@ -110,7 +110,7 @@ def inert_keys(values: dict) -> set[str]:
     ``values``: the trial's fixed budget may set it otherwise.
 
     Example:
-        >>> sorted(inert_keys({"sparsity": 0.0, "qat_epochs": 0, "lr": 0.004, "kd_temperature": 2.0, "deploy_imgsz": 448}))
+        >>> sorted(inert_keys({"sparsity": 0.0, "qat_epochs": 0, "lr": 0.004, "kd_temperature": 2.0, "seed": 0}))
         ['kd_temperature', 'lr']
     """
     inert: set[str] = set()
