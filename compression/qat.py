@@ -16,6 +16,7 @@ with no training steps that reproduces the PTQ file within rounding.
 from __future__ import annotations
 
 import copy
+import time
 
 import numpy as np
 import torch
@@ -288,4 +289,113 @@ def strip_qat_(model: nn.Module) -> nn.Module:
                 setattr(m, name, silus.setdefault(child.group, nn.SiLU()))
     if hasattr(model, "qat_points"):
         del model.qat_points
+    return model
+
+
+class LearnedRounding(nn.Module):
+    """Parametrization that replaces a signed :class:`FoldedWeightQuant`: the folded weight's int8 levels are
+    ``round(w / scale + offset)`` with a learnt ``offset`` in [-0.5, 0.5] (straight-through), so each weight keeps
+    its level or moves to the other one next to its FP32 value, never further. The scale stays the PTQ file's, and so
+    do each channel's extreme levels (+-127), which set the scale ONNX Runtime computes again from the exported
+    weight: baked (:func:`bake_rounding_`) and exported, the levels learnt are the file's."""
+
+    def __init__(self, fq: FoldedWeightQuant, weight: torch.Tensor):
+        super().__init__()
+        object.__setattr__(self, "fq", fq)
+        with torch.no_grad():
+            folded, _ = fq._folded(weight.detach().float())
+            flat = folded.reshape(weight.shape[0] if fq.per_channel else 1, -1)
+            scale = (flat.abs().amax(dim=1) / 127 * fq.widen.to(flat.device)).clamp(min=1e-12)
+            scale = scale.view(-1, 1, 1, 1) if fq.per_channel else scale.view(1, 1, 1, 1)
+            x = folded / scale
+        self.register_buffer("scale", scale)
+        self.register_buffer("x", x)  # the FP32 weight in levels
+        self.register_buffer("pinned", x.abs() >= 126.5)
+        self.offset = nn.Parameter(torch.zeros_like(x))
+
+    def levels(self) -> torch.Tensor:
+        y = self.x + self.offset.clamp(-0.5, 0.5)
+        q = y + (torch.round(y) - y).detach()
+        return torch.where(self.pinned, torch.round(self.x), q.clamp(-127, 127))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        _, s = self.fq._folded(w)
+        return (self.levels() * self.scale).to(w.dtype) / s
+
+
+def fit_rounding(model: nn.Module, reference: nn.Module, images: torch.Tensor, steps: int, batch: int = 8,
+                 lr: float = 2e-3, scale_lr: float = 1e-5, seed: int = 0, progress: bool = True) -> dict:
+    """Reconstruction after PTQ, in place: on the calibration ``images`` only (no labels), the int8 weights of a
+    :func:`prepare_qat` ``model`` choose their rounding (:class:`LearnedRounding`) and its activation scales adjust,
+    for ``steps`` Adam steps, so that the fake-quantized model's head inputs come closest to ``reference``'s (the FP32
+    model PTQ quantized; each head input's squared error over the reference's variance there). The FP32 weights
+    themselves do not move. Both models on ``model``'s device. Returns the fit's record.
+
+    Example:
+        >>> twin, _ = prepare_qat(student, onnx.load("ptq.onnx"), ptq_graph("fp32.onnx")[0], images[:1])
+        >>> fit_rounding(twin, student, images, steps=150)
+        >>> export_onnx(bake_rounding_(twin), 448, "fitted_fp32.onnx")  # then ptq(..., ranges=learned_ranges(twin))
+    """
+    from tqdm import tqdm
+
+    from compression.relu import block_outputs, head_inputs
+
+    t0 = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    offsets = []
+    for m in model.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            fq = m.parametrizations.weight[0]
+            if isinstance(fq, FoldedWeightQuant) and fq.signed:  # uint8 fallback weights keep PTQ's rounding
+                m.parametrizations.weight[0] = rounding = LearnedRounding(fq, m.parametrizations.weight.original)
+                offsets.append(rounding.offset)
+    scales = [q.scale for q in model.qat_points.values()]
+    for p in offsets + scales:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": offsets, "lr": lr}, {"params": scales, "lr": scale_lr}])
+    device = next(model.parameters()).device
+    reference = reference.eval()
+    model.eval()  # BatchNorm frozen: it folds into the int8 weights
+    targets = head_inputs(reference)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(range(steps), desc="PTQ rounding fit", disable=not progress, leave=False)
+    for _ in bar:
+        x = images[torch.randint(len(images), (batch,), generator=gen)].to(device)
+        with torch.no_grad():
+            wanted = block_outputs(reference, x, targets)
+        got = block_outputs(model, x, targets)
+        loss = sum(((g - t) ** 2).mean() / t.var().clamp_min(1e-12) for g, t in zip(got, wanted)) / len(targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    with torch.no_grad():
+        moved = sum(int((r.levels() != torch.round(r.x)).sum()) for r in _roundings(model))
+    tail = max(len(losses) // 10, 1)
+    return {"steps": steps, "batch": batch, "images": len(images), "weights": sum(p.numel() for p in offsets),
+            "levels_moved": moved, "loss_first": float(np.mean(losses[:tail])) if losses else None,
+            "loss_last": float(np.mean(losses[-tail:])) if losses else None, "seconds": time.perf_counter() - t0}
+
+
+def _roundings(model: nn.Module) -> list[LearnedRounding]:
+    return [m.parametrizations.weight[0] for m in model.modules()
+            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], LearnedRounding)]
+
+
+def bake_rounding_(model: nn.Module) -> nn.Module:
+    """:func:`strip_qat_` that keeps the rounding :func:`fit_rounding` learnt: each such convolution's weight becomes
+    its levels times the scale, unfolded from the BN, which ONNX Runtime quantizes back to those very levels. Other
+    weights return to their FP32 values. Returns ``model``."""
+    with torch.no_grad():
+        baked = [(m, m.weight.detach().clone()) for m in model.modules()
+                 if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0],
+                                                                            LearnedRounding)]
+    strip_qat_(model)
+    with torch.no_grad():
+        for m, w in baked:
+            m.weight.copy_(w)
     return model

@@ -137,7 +137,7 @@ def match_relu_(model: nn.Module, blocks: int, images: torch.Tensor, batch: int 
     try:
         with torch.no_grad():
             for start in range(0, len(images), batch):
-                _block_outputs(model, images[start:start + batch].to(device).float() / 255, [blocks - 1])
+                block_outputs(model, images[start:start + batch].to(device).float() / 255, [blocks - 1])
     finally:
         for h in hooks:
             h.remove()
@@ -180,7 +180,7 @@ def fit_targets(model: nn.Module, blocks: int) -> list[int]:
     return sorted(set(range(blocks, backbone_blocks(model))) | set(head_inputs(model)))
 
 
-def _block_outputs(model: nn.Module, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+def block_outputs(model: nn.Module, x: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
     """The outputs of ``model.model[i]`` for each ``i`` in ``blocks`` (ascending); the forward stops after the last."""
     outs, last = [], blocks[-1]
 
@@ -220,8 +220,8 @@ def _fit(student, teacher, images, count: int, targets: list[int], cfg: ReluConf
             if torch.rand(1, generator=gen) < 0.5:
                 x = x.flip(3)
             with torch.no_grad():
-                wanted = _block_outputs(teacher, x, targets)
-            outs = _block_outputs(student, x, targets)
+                wanted = block_outputs(teacher, x, targets)
+            outs = block_outputs(student, x, targets)
             loss = sum(((s - t) ** 2).mean() / t.var().clamp_min(1e-12) for s, t in zip(outs, wanted)) / len(targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,7 +10,7 @@ from compression.data import load_data_config
 from compression.errors import UserError
 from compression.export import export_onnx
 from compression.quantize import QuantConfig, ptq
-from compression.relu import (ReluConfig, _block_outputs, fit_relu, fit_targets, head_inputs, match_relu_,
+from compression.relu import (ReluConfig, block_outputs, fit_relu, fit_targets, head_inputs, match_relu_,
                               swap_relu_)
 from conftest import lively
 
@@ -36,7 +36,7 @@ def test_relu_config_names_a_bad_field():
 
 def feature_error(student, teacher, x, blocks: list[int]) -> float:
     with torch.no_grad():
-        pairs = zip(_block_outputs(student, x, blocks), _block_outputs(teacher, x, blocks))
+        pairs = zip(block_outputs(student, x, blocks), block_outputs(teacher, x, blocks))
         return float(sum(((s - t) ** 2).mean() / t.var() for s, t in pairs) / len(blocks))
 
 
@@ -62,7 +62,7 @@ def test_the_fit_matches_later_backbone_blocks_and_what_the_head_reads(tiny_yolo
     assert head_inputs(tiny_yolov5) == [17, 20, 23]
     assert fit_targets(tiny_yolov5, 3) == [3, 4, 5, 6, 7, 8, 9, 17, 20, 23]
     assert fit_targets(tiny_yolov5, 12) == [17, 20, 23]
-    outs = _block_outputs(tiny_yolov5, torch.rand(1, 3, 64, 64), [2, 17])
+    outs = block_outputs(tiny_yolov5, torch.rand(1, 3, 64, 64), [2, 17])
     assert [o.shape[2] for o in outs] == [16, 8]  # model.2 at stride 4, model.17 at stride 8
 
 
