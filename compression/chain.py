@@ -39,10 +39,11 @@ from compression.lowrank import STATS_IMAGES
 from compression.measure import Measurement, baseline, baseline_map
 from compression.models import load_model
 from compression.prune import Structure, apply_structure, prune, reconstruct_
-from compression.qat import learned_ranges, prepare_qat, strip_qat_
+from compression.qat import bake_rounding_, fit_rounding, learned_ranges, prepare_qat, strip_qat_
 from compression.quantize import file_output_errors, output_errors, ptq, ptq_graph
 from compression.relu import fit_relu, swap_relu_
-from compression.runtime import Size, cache_dir, copy_atomic, file_key, hw, temp_sibling, write_atomic
+from compression.runtime import (Size, cache_dir, copy_atomic, file_key, hw, select_device, temp_sibling,
+                                 write_atomic)
 
 STUDENT_VERSION = 7  # bump when the ReLU fit, pruning or distillation changes what a cached student holds
 NOT_SHAPING = ("device", "workers")  # DistillConfig fields that do not change what is learned
@@ -349,13 +350,19 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
             evaluated[file_key(path)[0]] = res
         return res.mAP50_95
 
-    if cfg.qat_epochs == 0:
+    if cfg.qat_epochs == 0 and cfg.ptq_fit_steps == 0:
         return {**asdict(ptq(fp32_path, model_path, images.numpy(), qcfg, eval_fn, progress=progress)),
                 "chosen_on": chosen_on}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="yc-qat-") as tmp:
         ptq_path, qat_fp32, qat_path = (Path(tmp) / n for n in ("ptq.onnx", "qat_fp32.onnx", "qat.onnx"))
         shipped = ptq(fp32_path, ptq_path, images.numpy(), qcfg, eval_fn, progress=progress)
+        if cfg.qat_epochs == 0:
+            fit, shipped, best_path = rounding_fit(student, fp32_path, ptq_path, shipped, images, choose_on, imgsz,
+                                                   cfg, eval_fn, Path(tmp), progress)
+            copy_atomic(best_path, model_path)
+            return {**asdict(shipped), "rounding_fit": fit, "method": fit["method"],
+                    "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}
         ptq_map = shipped.rounds[-1]["mAP50_95"]  # the round ptq shipped
         qmodel, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
         steps_per_epoch = math.ceil(len(split_images(train, "train")) / cfg.batch)
@@ -383,6 +390,32 @@ def quantize_stage(student, teacher, fp32_path: Path, model_path: Path, train: d
                 method, best_path, shipped = "qat", qat_path, res
         copy_atomic(best_path, model_path)
     return {**asdict(shipped), **qat, "method": method, "seconds": time.perf_counter() - t0, "chosen_on": chosen_on}
+
+
+def rounding_fit(student, fp32_path: Path, ptq_path: Path, shipped, images: torch.Tensor, choose_on: dict,
+                 imgsz: Size, cfg: TrialConfig, eval_fn: Callable[[Path], float], tmp: Path, progress: bool):
+    """The PTQ file's twin (:func:`compression.qat.prepare_qat`) learns its int8 weights' rounding and its activation
+    ranges on the calibration ``images`` (:func:`compression.qat.fit_rounding`, ``cfg.ptq_fit_steps``), is exported
+    and quantized with those ranges and the PTQ file's fallback convolutions; that file ships only if its output is
+    closer than the PTQ file's to the FP32 file's (what both quantize) on the held-out images (``choose_on``).
+    Returns ``(record, QuantResult of the file chosen, its path)``."""
+    device = select_device(cfg.device)
+    twin, matched = prepare_qat(student, onnx.load(str(ptq_path)), ptq_graph(fp32_path)[0], images[:1])
+    twin.to(device)
+    fit = fit_rounding(twin, copy.deepcopy(student).to(device), images, cfg.ptq_fit_steps, seed=cfg.seed,
+                       progress=progress)
+    ranges = learned_ranges(twin)
+    fitted_fp32, fitted = tmp / "fitted_fp32.onnx", tmp / "fitted.onnx"
+    export_onnx(bake_rounding_(twin).cpu(), imgsz, fitted_fp32)
+    res = ptq(fitted_fp32, fitted, images.numpy(), cfg.quant_config(), eval_fn, fp32_map=shipped.fp32_mAP50_95,
+              progress=progress, ranges=ranges, fallback=shipped.fallback_nodes)
+    errors = file_output_errors(fp32_path, [ptq_path, fitted], split_images(choose_on, "val"), imgsz)
+    better = errors[1] < errors[0]
+    record = {**fit, "matched": {k: v for k, v in matched.items() if k != "unmatched"},
+              "ptq_output_error": errors[0], "fitted_output_error": errors[1],
+              "ptq_mAP50_95": shipped.rounds[-1]["mAP50_95"], "fitted_mAP50_95": res.rounds[-1]["mAP50_95"],
+              "method": "ptq_fit" if better else "ptq"}
+    return (record, res, fitted) if better else (record, shipped, ptq_path)
 
 
 def output_error_of(reference: torch.nn.Module, files: list[Path], imgsz: Size) -> Callable[[torch.nn.Module], float]:

@@ -54,6 +54,8 @@ class _TrialKeys:
     quantize: bool = True  # INT8 (PTQ, or QAT when qat_epochs > 0); false stops after distillation
     qat_epochs: int = 0  # 0 = post-training quantization
     qat_lr: float = 0.001  # peak learning rate of QAT (SGD: AdamW moves every weight by ~lr per step, too far here)
+    ptq_fit_steps: int = 150  # without QAT: steps (8 calibration images each) in which the PTQ file's int8 weights
+    # choose their rounding and its activation ranges adjust to reproduce the FP32 file; 0 = plain PTQ (README, INT8)
     bench_threads: int = 0  # the cores you deploy on: ONNX Runtime threads of the latency benchmark, 0 = all here
 
     def __post_init__(self):
@@ -64,7 +66,7 @@ class _TrialKeys:
         if self.deploy_imgsz and not 32 <= self.deploy_imgsz <= 4096:
             raise ValueError(f"deploy_imgsz must be 0 (the base size) or in 32..4096 px, got {self.deploy_imgsz}")
         for name, top in (("recon_images", 10000), ("round_steps", 100000), ("holdout_images", 100000),
-                          ("bench_threads", 1024)):
+                          ("bench_threads", 1024), ("ptq_fit_steps", 100000)):
             if not 0 <= getattr(self, name) <= top:
                 raise ValueError(f"{name} must be in 0..{top}, got {getattr(self, name)}")
         for stage in STAGE_KEYS:
@@ -105,8 +107,8 @@ class _TrialKeys:
 def inert_keys(values: dict) -> set[str]:
     """The keys of ``values`` (flat TrialConfig keys, e.g. one NNI draw) that cannot change what the trial makes,
     given the others there: without pruning (``sparsity`` 0) nothing is distilled, so the pruning and recovery keys
-    are idle, and so are the distillation keys QAT reads unless ``qat_epochs`` > 0; ``qat_lr`` without QAT; the ReLU
-    fit's keys without ReLU blocks. A key that decides (sparsity, qat_epochs, relu_blocks) counts only when it is in
+    are idle, and so are the distillation keys QAT reads unless ``qat_epochs`` > 0; ``qat_lr`` without QAT,
+    ``ptq_fit_steps`` with it; the ReLU fit's keys without ReLU blocks. A key that decides (sparsity, qat_epochs, relu_blocks) counts only when it is in
     ``values``: the trial's fixed budget may set it otherwise.
 
     Example:
@@ -123,6 +125,8 @@ def inert_keys(values: dict) -> set[str]:
                   if key not in shared and (name in QAT_SETS or no_qat)}
     if no_qat:
         inert.add("qat_lr")
+    if values.get("qat_epochs", 0) > 0:  # QAT starts from the plain PTQ file
+        inert.add("ptq_fit_steps")
     if values.get("relu_blocks", 1) == 0:
         shared = {key for stage, keys in STAGE_KEYS.items() if stage is not ReluConfig for key in keys}
         inert |= {key for key in STAGE_KEYS[ReluConfig] if key not in shared and key != "relu_blocks"}
