@@ -8,7 +8,8 @@ import torch
 from compression.data import letterbox, read_image
 from compression.export import export_onnx
 from compression.qat import _onnx_values as onnx_values
-from compression.qat import learned_ranges, prepare_qat, qdq_params, strip_qat_
+from compression.qat import (LearnedRounding, bake_rounding_, fit_rounding, learned_ranges, prepare_qat, qdq_params,
+                            strip_qat_)
 from compression.onnx_passes import boundary_convs, conv_nodes, decode_nodes, space_to_depth_stem_
 from compression.quantize import (QuantConfig, concat_groups, file_output_errors, int8_weight_count, output_error,
                                   pair_safe_range, ptq, ptq_graph)
@@ -492,6 +493,70 @@ def test_qat_trains_one_range_for_each_concat_group_and_exports_it(fp32, calib, 
     acts = qdq_params(onnx.load(str(tmp_path / "qat.onnx")))[0]
     grouped = [t for g in groups if len(g) > 1 for t in g if t in acts]
     assert grouped and all(acts[t][0] == pytest.approx(trained[t], rel=1 / 255) for t in grouped)
+
+
+@pytest.mark.parametrize("fp32", FAMILIES_ULTRALYTICS_SLOW, indirect=True)
+def test_rounding_fit_moves_int8_levels_by_one_at_most_and_the_file_holds_what_it_learnt(fp32, calib, tmp_path):
+    from torch.nn.utils import parametrize
+
+    from compression.relu import block_outputs, head_inputs
+
+    model, path = fp32
+    cfg = QuantConfig(fallback_rounds=0)
+    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5, progress=False)
+    twin, _ = prepare_qat(model, onnx.load(str(tmp_path / "ptq.onnx")), ptq_graph(path)[0], calib[:1])
+    targets = head_inputs(model)
+
+    def error() -> float:  # the fit's objective on every calibration image
+        with torch.no_grad():
+            pairs = zip(block_outputs(twin, calib, targets), block_outputs(model.eval(), calib, targets))
+            return float(sum(((a - b) ** 2).mean() / b.var() for a, b in pairs))
+
+    before = error()
+    record = fit_rounding(twin, model, calib, steps=40, batch=4, lr=0.02, progress=False)
+    assert error() < before
+    rounding = {name: m.parametrizations.weight[0] for name, m in twin.named_modules()
+                if parametrize.is_parametrized(m, "weight")}
+    assert rounding and all(isinstance(r, LearnedRounding) for r in rounding.values())
+    levels = {name: r.levels().detach() for name, r in rounding.items()}
+    moved = [int((levels[n] != torch.round(r.x)).sum()) for n, r in rounding.items()]
+    assert record["levels_moved"] == sum(moved) > 0
+    assert all((levels[n] - r.x).abs().max() < 1 for n, r in rounding.items())  # a neighbour of the FP32 weight
+
+    # baked and quantized again with the fitted ranges, the file holds the levels learnt, and nothing else changed
+    ranges = learned_ranges(twin)
+    baked = bake_rounding_(twin)
+    after, plain = baked.state_dict(), model.state_dict()
+    assert after.keys() == plain.keys()
+    assert all(torch.equal(after[k], plain[k]) for k in plain if k.removesuffix(".weight") not in rounding)
+    export_onnx(baked, IMGSZ, tmp_path / "fitted_fp32.onnx")
+    ptq(tmp_path / "fitted_fp32.onnx", tmp_path / "fitted.onnx", calib.numpy(), cfg, lambda p: 0.5, fp32_map=0.5,
+        progress=False, ranges=ranges)
+    in_file = conv_weights(onnx.load(str(tmp_path / "fitted.onnx")))
+    compared = 0
+    for name, q in levels.items():
+        scopes = onnx_scopes(name)
+        # a ModuleList (the head's convolutions) has no scope of its own, a Sequential (a C3's bottlenecks) has
+        node = next((n for n in ("/" + "/".join(s) + "/Conv" for s in (scopes, scopes[:-2] + scopes[-1:]))
+                     if n in in_file), None)
+        if node and in_file[node][0].shape == q.shape:  # the stem is rewritten to SpaceToDepth
+            assert np.array_equal(in_file[node][0].astype(int), q.numpy().astype(int)), node
+            compared += 1
+    # all but the stem (rewritten to SpaceToDepth) in YOLOv5; ultralytics' exporter scopes some blocks otherwise
+    assert compared >= 0.7 * len(levels)
+
+
+def onnx_scopes(module: str) -> list[str]:
+    """The exporter's scopes of a torch module name: ``model.2.m.0.cv1.conv`` -> model.2, m, m.0, cv1, conv."""
+    parts, scopes = module.split("."), []
+    for i, part in enumerate(parts):
+        if not part.isdigit():
+            scopes.append(part)
+        elif i == 1:  # the model's own Sequential has no scope of its own
+            scopes[-1] = f"{parts[0]}.{part}"
+        else:
+            scopes.append(f"{parts[i - 1]}.{part}")
+    return scopes
 
 
 def conv_weights(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
