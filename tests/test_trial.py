@@ -193,10 +193,16 @@ def test_caches_are_keyed_on_a_files_contents(tmp_path):
 def test_quantized_trials_share_the_distilled_student(tiny_pt, tiny_data, tmp_path, env):
     common = ("sparsity=0.25", "prune_rounds=1", "round_steps=1", "kd_steps=2", "batch=4", "device=cpu",
               "calib_images=8", "recon_images=4", "crop=32")
-    r = run_trial(tiny_pt, tiny_data, tmp_path / "ptq", *common, "quant_granularity=per_tensor", env=env)
+    r = run_trial(tiny_pt, tiny_data, tmp_path / "ptq", *common, "quant_granularity=per_tensor", "ptq_fit_steps=20",
+                  env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     ptq = json.loads((tmp_path / "ptq" / "report.json").read_text())
-    assert ptq["stages"]["quantize"]["method"] == "ptq" and ptq["stages"]["cache"]["student"] == "miss"
+    fit = ptq["stages"]["quantize"]["rounding_fit"]
+    # the fitted file ships only when its output is closer to the FP32 file's than the PTQ file's (held-out images)
+    assert fit["steps"] == 20 and fit["matched"]["weights"] > 0
+    assert ptq["stages"]["quantize"]["method"] == ("ptq_fit" if fit["fitted_output_error"] < fit["ptq_output_error"]
+                                                   else "ptq")
+    assert ptq["stages"]["cache"]["student"] == "miss"
     assert any("Sigmoid" in n or "Concat" in n for n in ptq["stages"]["quantize"]["fp32_nodes"])
     r = run_trial(tiny_pt, tiny_data, tmp_path / "qat", *common, "qat_epochs=1", env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -327,6 +333,9 @@ def test_inert_keys_follow_what_runs():
     assert inert_keys(drawn) == {"lr", "kd_alpha", "kd_temperature"}
     # QAT distils with the trial's temperature, at its own learning rate and alpha
     assert inert_keys({**drawn, "qat_epochs": 1, "qat_lr": 0.01}) == {"lr", "kd_alpha"}
+    # QAT starts from the plain PTQ file: the rounding fit does not run
+    assert inert_keys({**drawn, "ptq_fit_steps": 20}) == {"lr", "kd_alpha", "kd_temperature"}
+    assert inert_keys({**drawn, "qat_epochs": 1, "ptq_fit_steps": 20}) == {"lr", "kd_alpha", "ptq_fit_steps"}
     assert inert_keys({**drawn, "sparsity": 0.1, "qat_lr": 0.01}) == {"qat_lr"}
     assert inert_keys({**drawn, "relu_blocks": 0, "relu_lr": 0.01}) == {"lr", "kd_alpha", "kd_temperature",
                                                                          "relu_epochs", "relu_lr"}
