@@ -11,6 +11,9 @@ PTQ quantized and through the torch model, each quantized ONNX tensor matched to
 After training, the torch model is stripped back to the plain student (same modules, trained weights), exported, and
 quantized by ONNX Runtime with the learned ranges written over the calibrated ones and the same FP32 convolutions:
 with no training steps that reproduces the PTQ file within rounding.
+
+Without QAT, the same twin serves PTQ's rounding fit (:func:`fit_rounding`): only the int8 weights' rounding
+(:class:`LearnedRounding`) and the activation scales learn, on the calibration images, towards the FP32 model.
 """
 
 from __future__ import annotations
