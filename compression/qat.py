@@ -297,7 +297,7 @@ def strip_qat_(model: nn.Module) -> nn.Module:
 
 class LearnedRounding(nn.Module):
     """Parametrization that replaces a signed :class:`FoldedWeightQuant`: the folded weight's int8 levels are
-    ``round(w / scale + offset)`` with a learnt ``offset`` in [-0.5, 0.5] (straight-through), so each weight keeps
+    ``round(w / scale + offset)`` with a learnt ``offset`` in (-0.5, 0.5) (straight-through), so each weight keeps
     its level or moves to the other one next to its FP32 value, never further. The scale stays the PTQ file's, and so
     do each channel's extreme levels (+-127), which set the scale ONNX Runtime computes again from the exported
     weight: baked (:func:`bake_rounding_`) and exported, the levels learnt are the file's."""
@@ -317,7 +317,8 @@ class LearnedRounding(nn.Module):
         self.offset = nn.Parameter(torch.zeros_like(x))
 
     def levels(self) -> torch.Tensor:
-        y = self.x + self.offset.clamp(-0.5, 0.5)
+        # short of half a level: at exactly 0.5 a weight already on a level would round to the next (ties to even)
+        y = self.x + self.offset.clamp(-0.499, 0.499)
         q = y + (torch.round(y) - y).detach()
         return torch.where(self.pinned, torch.round(self.x), q.clamp(-127, 127))
 
