@@ -342,7 +342,7 @@ def fit_rounding(model: nn.Module, reference: nn.Module, images: torch.Tensor, s
     """
     from tqdm import tqdm
 
-    from compression.relu import block_outputs, head_inputs
+    from compression.relu import head_inputs, matching_loss
 
     t0 = time.perf_counter()
     for p in model.parameters():
@@ -367,10 +367,7 @@ def fit_rounding(model: nn.Module, reference: nn.Module, images: torch.Tensor, s
     bar = tqdm(range(steps), desc="PTQ rounding fit", disable=not progress, leave=False)
     for _ in bar:
         x = images[torch.randint(len(images), (batch,), generator=gen)].to(device)
-        with torch.no_grad():
-            wanted = block_outputs(reference, x, targets)
-        got = block_outputs(model, x, targets)
-        loss = sum(((g - t) ** 2).mean() / t.var().clamp_min(1e-12) for g, t in zip(got, wanted)) / len(targets)
+        loss = matching_loss(model, reference, x, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -202,6 +202,15 @@ def block_outputs(model: nn.Module, x: torch.Tensor, blocks: list[int]) -> list[
     return outs
 
 
+def matching_loss(student: nn.Module, reference: nn.Module, x: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """How far ``student``'s outputs of ``blocks`` are from ``reference``'s for ``x``: each output's squared error
+    over the reference's variance there, averaged over the blocks (gradients reach ``student`` only)."""
+    with torch.no_grad():
+        wanted = block_outputs(reference, x, blocks)
+    outs = block_outputs(student, x, blocks)
+    return sum(((s - t) ** 2).mean() / t.var().clamp_min(1e-12) for s, t in zip(outs, wanted)) / len(blocks)
+
+
 def _fit(student, teacher, images, count: int, targets: list[int], cfg: ReluConfig, lr: float, device,
          progress: bool) -> dict:
     """Train ``student.model[:count]`` on the outputs of the blocks ``targets``."""
@@ -219,10 +228,7 @@ def _fit(student, teacher, images, count: int, targets: list[int], cfg: ReluConf
             x = images[order[b * cfg.batch:(b + 1) * cfg.batch]].to(device).float() / 255
             if torch.rand(1, generator=gen) < 0.5:
                 x = x.flip(3)
-            with torch.no_grad():
-                wanted = block_outputs(teacher, x, targets)
-            outs = block_outputs(student, x, targets)
-            loss = sum(((s - t) ** 2).mean() / t.var().clamp_min(1e-12) for s, t in zip(outs, wanted)) / len(targets)
+            loss = matching_loss(student, teacher, x, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
