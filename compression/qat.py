@@ -351,7 +351,9 @@ def fit_rounding(model: nn.Module, reference: nn.Module, images: torch.Tensor, s
     for m in model.modules():
         if parametrize.is_parametrized(m, "weight"):
             fq = m.parametrizations.weight[0]
-            if isinstance(fq, FoldedWeightQuant) and fq.signed:  # uint8 fallback weights keep PTQ's rounding
+            # the fallback's weights keep PTQ's rounding: uint8 ones, and pair-safe ones, whose scale ONNX Runtime
+            # derives from their pair sums, which other levels would change
+            if isinstance(fq, FoldedWeightQuant) and fq.signed and not bool((fq.widen > 1 + 1e-4).any()):
                 m.parametrizations.weight[0] = rounding = LearnedRounding(fq, m.parametrizations.weight.original)
                 offsets.append(rounding.offset)
     scales = [q.scale for q in model.qat_points.values()]

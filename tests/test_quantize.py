@@ -546,6 +546,22 @@ def test_rounding_fit_moves_int8_levels_by_one_at_most_and_the_file_holds_what_i
     assert compared >= 0.7 * len(levels)
 
 
+@pytest.mark.parametrize("fp32", ["tiny_yolov5"], indirect=True)
+def test_rounding_fit_leaves_the_fallbacks_pair_safe_weights_as_ptq_rounded_them(fp32, calib, tmp_path):
+    from torch.nn.utils import parametrize
+
+    model, path = fp32
+    ptq(path, tmp_path / "ptq.onnx", calib.numpy(), QuantConfig(fallback_rounds=0), lambda p: 0.5, fp32_map=0.5,
+        progress=False, fallback=["/model.1/conv/Conv"])
+    twin, _ = prepare_qat(model, onnx.load(str(tmp_path / "ptq.onnx")), ptq_graph(path)[0], calib[:1])
+    record = fit_rounding(twin, model, calib, steps=1, batch=2, progress=False)
+    kinds = {name: type(m.parametrizations.weight[0]) for name, m in twin.named_modules()
+             if parametrize.is_parametrized(m, "weight")}
+    # ONNX Runtime derives a pair-safe scale from the weights' pair sums: other levels would change it
+    assert kinds.pop("model.1.conv") is not LearnedRounding
+    assert kinds and set(kinds.values()) == {LearnedRounding} and record["weights"] > 0
+
+
 def onnx_scopes(module: str) -> list[str]:
     """The exporter's scopes of a torch module name: ``model.2.m.0.cv1.conv`` -> model.2, m, m.0, cv1, conv."""
     parts, scopes = module.split("."), []
