@@ -108,8 +108,8 @@ def inert_keys(values: dict) -> set[str]:
     """The keys of ``values`` (flat TrialConfig keys, e.g. one NNI draw) that cannot change what the trial makes,
     given the others there: without pruning (``sparsity`` 0) nothing is distilled, so the pruning and recovery keys
     are idle, and so are the distillation keys QAT reads unless ``qat_epochs`` > 0; ``qat_lr`` without QAT,
-    ``ptq_fit_steps`` with it; the ReLU fit's keys without ReLU blocks. A key that decides (sparsity, qat_epochs, relu_blocks) counts only when it is in
-    ``values``: the trial's fixed budget may set it otherwise.
+    ``ptq_fit_steps`` with it; the ReLU fit's keys without ReLU blocks. A key that decides (sparsity, qat_epochs,
+    relu_blocks) counts only when it is in ``values``: the trial's fixed budget may set it otherwise.
 
     Example:
         >>> sorted(inert_keys({"sparsity": 0.0, "qat_epochs": 0, "lr": 0.004, "kd_temperature": 2.0, "seed": 0}))
